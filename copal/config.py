@@ -1,0 +1,147 @@
+"""The run configuration: a YAML file validated here (unknown keys are errors)."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from copal.errors import InputError
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
+REGIMES = ("sequential", "reprune", "accumulate", "joint")
+STRUCTURES = ("unstructured", "2:4", "4:8")
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Calibration(_Strict):
+    nsamples: int = Field(64, gt=0, description="calibration sequences per domain")
+    seqlen: int = Field(256, gt=1, description="tokens per calibration sequence")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="sequences per forward pass")
+
+
+class Evaluation(_Strict):
+    seqlen: int = Field(256, gt=1)
+    max_tokens: int = Field(65536, gt=1, description="evaluation tokens per domain (a prefix)")
+    batch_size: int = Field(8, gt=0)
+
+
+class CopalOptions(_Strict):
+    """The COPAL variants of METHOD.md; the defaults are the measured best."""
+
+    sensitivity: Literal["output", "loss"] = "output"
+    normalize: bool = True
+    reduce: Literal["sum", "max"] = "sum"
+
+
+class SparseGPTOptions(_Strict):
+    blocksize: int = Field(128, gt=0)
+    dampening: float = Field(0.01, gt=0)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    model: str
+    domains: list[str] = Field(min_length=1)
+    method: Literal["magnitude", "wanda", "sparsegpt", "copal"] = "copal"
+    regime: Literal["sequential", "reprune", "accumulate", "joint"] = "accumulate"
+    structure: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    sparsity: float = 0.5
+    mask_scope: Literal["row", "layer"] = "row"
+    calibration: Calibration = Calibration()
+    evaluation: Evaluation = Evaluation()
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    copal: CopalOptions = CopalOptions()
+    sparsegpt: SparseGPTOptions = SparseGPTOptions()
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"must be strictly between 0 and 1, got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _structure_fits_sparsity(self) -> "RunConfig":
+        nm = self.n_m
+        if nm is not None:
+            n, m = nm
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"structure {self.structure} means sparsity {1 - n / m:g}, but sparsity is {self.sparsity:g}"
+                )
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.structure == "unstructured":
+            return None
+        n, m = self.structure.split(":")
+        return int(n), int(m)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{source}: {where}: {message}"
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate a parsed config; any problem becomes one InputError line."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise InputError(_format_validation_error(error, source)) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` / `a.b=value` overrides; values are parsed as YAML."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a config must be a YAML mapping")
+    return raw
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    path = path or DEMO_CONFIG
+    raw = apply_overrides(read_config_file(path), list(overrides))
+    return build_config(raw, str(path))

@@ -1,0 +1,321 @@
+"""A continual run: one pruning step per domain, recorded in a run directory.
+
+    RUN_DIR/config.yaml     the resolved config, with each domain's data fingerprint
+    RUN_DIR/dense.json      PPL of the dense model per domain (row 0 of the matrix)
+    RUN_DIR/steps/K/        what step K recorded (see copal.state)
+    RUN_DIR/HEAD            the current step id
+    RUN_DIR/metrics.json    PPL matrix, BWT, average PPL, per-step cost
+
+Steps have ids 1, 2, … in the order they were made and a `parent` (the step
+they continued from), so a rollback can make an older step the head again
+without deleting later ones. The PPL matrix follows the lineage of HEAD.
+
+This module is orchestration-free: the command line and the Prefect tasks call
+`ContinualRun` methods; nothing here knows about Prefect, MLflow or DVC.
+"""
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from copal import metrics
+from copal.calibrate import loss_gradient_statistic, prune_layerwise
+from copal.config import RunConfig, build_config
+from copal.data import Domain, calibration_samples, evaluation_windows, ingest
+from copal.errors import InputError
+from copal.masks import Structure
+from copal.methods import METHODS
+from copal.model import DenseWeights, all_prunable, load_model, resolve_device, set_weight_matrix
+from copal.regimes import StepPolicy
+from copal.state import StepState, StepWriter, read_json, write_json
+
+log = logging.getLogger("copal")
+
+Progress = Callable[[str, int, int], None]
+
+# Keys that may differ between two invocations of the same run.
+_RUNTIME_KEYS = ("device",)
+
+
+def _code_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunDir:
+    """The files of one run directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.config_path = self.root / "config.yaml"
+        self.steps_dir = self.root / "steps"
+        self.head_path = self.root / "HEAD"
+        self.metrics_path = self.root / "metrics.json"
+        self.dense_path = self.root / "dense.json"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> "RunDir":
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: run directory not found")
+        if not self.exists():
+            raise InputError(f"{self.root}: not a run directory (no config.yaml)")
+        return self
+
+    def read_config(self) -> tuple[RunConfig, dict[str, str]]:
+        try:
+            raw = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError:
+            raise InputError(f"{self.config_path}: corrupt run config (not valid YAML)") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{self.config_path}: corrupt run config")
+        fingerprints = raw.pop("fingerprints", {}) or {}
+        return build_config(raw, str(self.config_path)), fingerprints
+
+    def write_config(self, config: RunConfig, fingerprints: dict[str, str]) -> None:
+        payload = config.model_dump() | {"fingerprints": fingerprints}
+        partial = self.config_path.with_name(".config.yaml.partial")
+        partial.write_text(yaml.safe_dump(payload, sort_keys=False))
+        partial.replace(self.config_path)
+
+    def head(self) -> int:
+        if not self.head_path.exists():
+            return 0
+        text = self.head_path.read_text().strip()
+        if not text.isdigit():
+            raise InputError(f"{self.head_path}: corrupt HEAD ({text!r})")
+        return int(text)
+
+    def set_head(self, step_id: int) -> None:
+        partial = self.head_path.with_name(".HEAD.partial")
+        partial.write_text(f"{step_id}\n")
+        partial.replace(self.head_path)
+
+    def step_ids(self) -> list[int]:
+        if not self.steps_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.steps_dir.iterdir() if p.name.isdigit())
+
+    def step(self, step_id: int) -> StepState:
+        folder = self.steps_dir / str(step_id)
+        if not folder.is_dir():
+            known = self.step_ids()
+            span = f"recorded steps: {known[0]}..{known[-1]}" if known else "no steps recorded yet"
+            raise InputError(f"{self.root}: no step {step_id} ({span})")
+        return StepState(folder)
+
+    def lineage(self, head: int | None = None) -> list[StepState]:
+        """Steps from the first to `head` (default HEAD), following parents."""
+        chain = []
+        step_id = self.head() if head is None else head
+        while step_id:
+            state = self.step(step_id)
+            chain.append(state)
+            step_id = state.record["parent"]
+        return chain[::-1]
+
+
+def _same_run(recorded: RunConfig, wanted: RunConfig) -> str | None:
+    """None if `wanted` continues the recorded run, else what differs."""
+    old, new = recorded.model_dump(), wanted.model_dump()
+    for key in old:
+        if key in _RUNTIME_KEYS or key == "domains":
+            continue
+        if old[key] != new[key]:
+            return f"{key}: {old[key]!r} recorded, {new[key]!r} given"
+    shorter = min(len(old["domains"]), len(new["domains"]))
+    if old["domains"][:shorter] != new["domains"][:shorter]:
+        return f"domains: {old['domains']} recorded, {new['domains']} given"
+    return None
+
+
+class ContinualRun:
+    """One process's view of a run: the model in memory, the run directory on disk."""
+
+    def __init__(self, config: RunConfig, root: Path, progress: Progress | None = None,
+                 data_dir: Path | None = None):
+        self.dir = RunDir(root)
+        self.progress = progress or (lambda what, done, total: None)
+        self.data_dir = data_dir
+        self.device = resolve_device(config.device)
+        fingerprints = {}
+        if self.dir.exists():
+            recorded, fingerprints = self.dir.read_config()
+            difference = _same_run(recorded, config)
+            if difference:
+                raise InputError(f"{root}: holds a run of another config ({difference})")
+            if len(recorded.domains) > len(config.domains):
+                config = config.model_copy(update={"domains": recorded.domains})
+        elif self.dir.root.exists() and any(self.dir.root.iterdir()):
+            raise InputError(f"{root}: exists and is not a run directory; choose an empty or new --out")
+        self.config = config
+        self.domains = [self._ingest(spec, fingerprints) for spec in config.domains]
+        names = [domain.name for domain in self.domains]
+        if len(set(names)) != len(names):
+            raise InputError(f"domains: two sources have the same name ({names}); name them NAME=SOURCE")
+        self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
+        self.dense = DenseWeights(self.model, config.model)
+        self.method = METHODS[config.method]
+        self.structure = Structure(config.sparsity, config.n_m, config.mask_scope)
+        self._windows: dict[str, torch.Tensor] = {}
+        self.dir.root.mkdir(parents=True, exist_ok=True)
+        self.dir.write_config(config, {d.name: d.fingerprint for d in self.domains})
+
+    def _ingest(self, spec: str, recorded: dict[str, str]) -> Domain:
+        domain = ingest(spec, self.data_dir)
+        if domain.name in recorded and recorded[domain.name] != domain.fingerprint:
+            raise InputError(f"{spec}: data changed since the run recorded it "
+                             f"(fingerprint {domain.fingerprint}, recorded {recorded[domain.name]})")
+        return domain
+
+    # ------------------------------------------------------------------ evaluation
+
+    def windows(self, domain: Domain) -> torch.Tensor:
+        if domain.name not in self._windows:
+            ev = self.config.evaluation
+            self._windows[domain.name] = evaluation_windows(domain, self.tokenizer, ev.seqlen, ev.max_tokens)
+        return self._windows[domain.name]
+
+    def evaluate(self) -> dict[str, dict]:
+        """PPL of the model as it is now on every configured domain."""
+        results = {}
+        for index, domain in enumerate(self.domains):
+            self.progress("evaluate", index, len(self.domains))
+            ppl, tokens = metrics.perplexity(self.model, self.windows(domain), self.device,
+                                             self.config.evaluation.batch_size)
+            results[domain.name] = {"ppl": ppl, "tokens": tokens}
+        self.progress("evaluate", len(self.domains), len(self.domains))
+        return results
+
+    def dense_ppl(self) -> dict[str, float]:
+        """Row 0 of the PPL matrix, computed once per domain and kept in dense.json."""
+        recorded = read_json(self.dir.dense_path, "dense PPLs") if self.dir.dense_path.exists() else {}
+        missing = [d for d in self.domains if d.name not in recorded]
+        if missing:
+            for name, module in all_prunable(self.model).items():
+                set_weight_matrix(module, self.dense.get(name))
+            for index, domain in enumerate(missing):
+                self.progress("evaluate dense", index, len(missing))
+                recorded[domain.name] = metrics.perplexity(self.model, self.windows(domain), self.device,
+                                                           self.config.evaluation.batch_size)[0]
+            write_json(self.dir.dense_path, recorded)
+        return {d.name: recorded[d.name] for d in self.domains}
+
+    # ------------------------------------------------------------------ one step
+
+    def _calibration_batches(self, upto: int) -> list[torch.Tensor]:
+        """Calibration sequences of domain `upto` (joint: of domains 0..upto, pooled)."""
+        cal = self.config.calibration
+        chosen = self.domains[: upto + 1] if self.config.regime == "joint" else [self.domains[upto]]
+        samples = torch.cat([calibration_samples(d, self.tokenizer, cal.nsamples, cal.seqlen, cal.seed)
+                             for d in chosen])
+        return list(samples.split(cal.batch_size))
+
+    def _method_options(self) -> dict:
+        return self.config.sparsegpt.model_dump() if self.config.method == "sparsegpt" else {}
+
+    def _accumulate_options(self) -> dict:
+        if self.config.method == "copal":
+            return {"normalize": self.config.copal.normalize, "reduce": self.config.copal.reduce}
+        return {"normalize": True, "reduce": "sum"}
+
+    def prune_step(self, domain_index: int, parent: StepState | None, writer: StepWriter) -> None:
+        """Calibrate on the domain, update the statistic and apply masks, in place."""
+        batches = self._calibration_batches(domain_index)
+        statistic = self.method.statistic
+        precomputed = None
+        policy = StepPolicy(self.method, self.config.regime, self.structure, self.dense, parent, writer,
+                            self._method_options(), self._accumulate_options())
+        if self.config.method == "copal" and self.config.copal.sensitivity == "loss":
+            modules = all_prunable(self.model)
+            for name, module in modules.items():
+                set_weight_matrix(module, policy.base_weight(name))
+            policy.precomputed = loss_gradient_statistic(self.model, batches, self.device, list(modules))
+            statistic = None
+        prune_layerwise(self.model, batches, statistic, policy, self.device,
+                        progress=lambda done, total: self.progress("prune blocks", done, total))
+
+    def step(self, domain_index: int) -> dict:
+        """Run, evaluate and record one step on `self.domains[domain_index]`, continuing from HEAD."""
+        domain = self.domains[domain_index]
+        parent_id = self.dir.head()
+        parent = self.dir.step(parent_id) if parent_id else None
+        step_id = max(self.dir.step_ids(), default=0) + 1
+        writer = StepWriter(self.dir.steps_dir, step_id)
+        with metrics.PeakMemory() as memory:
+            start = time.perf_counter()
+            self.prune_step(domain_index, parent, writer)
+            prune_seconds = time.perf_counter() - start
+            evaluation = self.evaluate()
+            seconds = time.perf_counter() - start
+        record = {
+            "step": step_id, "parent": parent_id, "index": (parent.record["index"] if parent else 0) + 1,
+            "domain": domain.name, "source": domain.source.spec, "fingerprint": domain.fingerprint,
+            "method": self.config.method, "regime": self.config.regime, "structure": self.config.structure,
+            "sparsity_target": self.config.sparsity, "seed": self.config.calibration.seed,
+            "code_revision": _code_revision(),
+            "ppl": {name: result["ppl"] for name, result in evaluation.items()},
+            "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
+            "sparsity": metrics.overall_sparsity(writer.masks),
+            "layer_sparsity": metrics.layer_sparsity(writer.masks),
+            "prune_seconds": prune_seconds, "seconds": seconds, "peak_rss_mb": memory.peak_mb,
+        }
+        writer.commit(record)
+        self.dir.set_head(step_id)
+        self.write_metrics()
+        return record
+
+    # ------------------------------------------------------------------ the whole run
+
+    def pending(self) -> list[int]:
+        """Indices of the configured domains not yet covered by HEAD's lineage."""
+        lineage = self.dir.lineage()
+        for position, state in enumerate(lineage):
+            if position >= len(self.domains) or state.record["domain"] != self.domains[position].name:
+                raise InputError(f"{self.dir.root}: step {state.id} is on domain {state.record['domain']}, "
+                                 f"but the config has {self.domains[position].name if position < len(self.domains) else 'no domain'} there")
+        return list(range(len(lineage), len(self.domains)))
+
+    def run(self) -> dict:
+        self.dense_ppl()
+        pending = self.pending()
+        for index in range(len(self.domains)):
+            if index not in pending:
+                log.info("step %d (%s) already recorded; not recomputed", index + 1, self.domains[index].name)
+                continue
+            log.info("step %d/%d: %s", index + 1, len(self.domains), self.domains[index].name)
+            self.step(index)
+        return self.write_metrics()
+
+    def write_metrics(self) -> dict:
+        payload = summarize(self.dir, self.config)
+        write_json(self.dir.metrics_path, payload)
+        return payload
+
+
+def summarize(run_dir: RunDir, config: RunConfig) -> dict:
+    """metrics.json's content, derived from the records of HEAD's lineage."""
+    lineage = [state.record for state in run_dir.lineage()]
+    dense = read_json(run_dir.dense_path, "dense PPLs") if run_dir.dense_path.exists() else {}
+    names = [record["domain"] for record in lineage]
+    names += [name for name in dense if name not in names]
+    matrix = [[record["ppl"].get(name) for name in names] for record in lineage]
+    return {
+        "model": config.model, "method": config.method, "regime": config.regime,
+        "structure": config.structure, "sparsity": config.sparsity, "seqlen": config.evaluation.seqlen,
+        "domains": names, "dense_ppl": [dense.get(name) for name in names],
+        "ppl": matrix, "bwt": metrics.bwt(matrix), "avg_ppl": metrics.average_ppl(matrix),
+        "steps": [{"step": r["step"], "domain": r["domain"], "seconds": r["seconds"],
+                   "prune_seconds": r["prune_seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                   "sparsity": r["sparsity"]} for r in lineage],
+    }

@@ -1,0 +1,31 @@
+"""A recorded step → a plain Hugging Face model directory."""
+
+from pathlib import Path
+
+from copal.continual import RunDir
+from copal.errors import InputError
+from copal.model import DenseWeights, all_prunable, load_model, set_weight_matrix
+
+
+def load_step_model(run_root: Path, step_id: int):
+    """(model, tokenizer) holding exactly the weights after step `step_id`."""
+    run_dir = RunDir(run_root).require()
+    config, _ = run_dir.read_config()
+    state = run_dir.step(step_id)
+    model, tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
+    dense = DenseWeights(model, config.model)
+    for name, module in all_prunable(model).items():
+        set_weight_matrix(module, state.weight(name, dense))
+    return model, tokenizer
+
+
+def export_step(run_root: Path, step_id: int, out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists and is not empty; export needs a new or empty directory")
+    model, tokenizer = load_step_model(run_root, step_id)
+    partial = out.with_name(f".{out.name}.partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if out.exists():
+        out.rmdir()
+    partial.replace(out)

@@ -1,0 +1,138 @@
+"""Fixtures: tiny random models of several architectures, a tokenizer trained
+here, and small real-text domains — all built offline inside the test session."""
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def _real_text(modules) -> str:
+    """Real prose and code nobody on this project wrote: stdlib sources."""
+    return "\n\n".join(inspect.getsource(module) for module in modules)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Three small text domains: one .txt file each."""
+    import argparse, asyncio.tasks, collections, difflib, email.message, json.decoder, logging, textwrap, unittest.case
+
+    root = tmp_path_factory.mktemp("corpus")
+    domains = {
+        "alpha": [collections, textwrap],
+        "beta": [json.decoder, email.message, difflib],
+        "gamma": [logging, argparse],
+        "delta": [asyncio.tasks, unittest.case],
+    }
+    for name, modules in domains.items():
+        (root / f"{name}.txt").write_text(_real_text(modules))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+VOCAB = 512
+
+
+def tiny_config(family: str):
+    """A 2-block random model config of `family`; all inputs divisible by 8."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, tie_word_embeddings=False)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "phi3":
+        return tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0, **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "phi3", "opt", "gpt2", "gpt_neox"]
+
+
+def build_model_dir(folder: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.save_pretrained(folder, safe_serialization=True)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """A private Arrow cache for the test."""
+    folder = tmp_path / "arrow"
+    monkeypatch.setenv("COPAL_DATA_DIR", str(folder))
+    return folder
+
+
+def small_config(model_dir: Path, corpus_dir: Path, **overrides) -> dict:
+    config = {
+        "name": "test",
+        "model": str(model_dir),
+        "domains": [f"text:{corpus_dir / name}.txt" for name in ("alpha", "beta", "gamma")],
+        "method": "copal",
+        "regime": "accumulate",
+        "structure": "unstructured",
+        "sparsity": 0.5,
+        "calibration": {"nsamples": 8, "seqlen": 64, "seed": 0, "batch_size": 4},
+        "evaluation": {"seqlen": 64, "max_tokens": 2048, "batch_size": 8},
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
