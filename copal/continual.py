@@ -168,6 +168,10 @@ class ContinualRun:
         self.method = METHODS[config.method]
         self.structure = Structure(config.sparsity, config.n_m, config.mask_scope)
         self._windows: dict[str, torch.Tensor] = {}
+        self._samples: dict[str, torch.Tensor] = {}
+        for domain in self.domains:  # fail on a too-short domain now, not after hours of work
+            self.samples(domain)
+            self.windows(domain)
         self.dir.root.mkdir(parents=True, exist_ok=True)
         self.dir.write_config(config, {d.name: d.fingerprint for d in self.domains})
 
@@ -179,6 +183,13 @@ class ContinualRun:
         return domain
 
     # ------------------------------------------------------------------ evaluation
+
+    def samples(self, domain: Domain) -> torch.Tensor:
+        if domain.name not in self._samples:
+            cal = self.config.calibration
+            self._samples[domain.name] = calibration_samples(domain, self.tokenizer, cal.nsamples, cal.seqlen,
+                                                             cal.seed)
+        return self._samples[domain.name]
 
     def windows(self, domain: Domain) -> torch.Tensor:
         if domain.name not in self._windows:
@@ -215,11 +226,9 @@ class ContinualRun:
 
     def _calibration_batches(self, upto: int) -> list[torch.Tensor]:
         """Calibration sequences of domain `upto` (joint: of domains 0..upto, pooled)."""
-        cal = self.config.calibration
         chosen = self.domains[: upto + 1] if self.config.regime == "joint" else [self.domains[upto]]
-        samples = torch.cat([calibration_samples(d, self.tokenizer, cal.nsamples, cal.seqlen, cal.seed)
-                             for d in chosen])
-        return list(samples.split(cal.batch_size))
+        samples = torch.cat([self.samples(d) for d in chosen])
+        return list(samples.split(self.config.calibration.batch_size))
 
     def _method_options(self) -> dict:
         return self.config.sparsegpt.model_dump() if self.config.method == "sparsegpt" else {}
@@ -266,8 +275,7 @@ class ContinualRun:
             "code_revision": _code_revision(),
             "ppl": {name: result["ppl"] for name, result in evaluation.items()},
             "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
-            "sparsity": metrics.overall_sparsity(writer.masks),
-            "layer_sparsity": metrics.layer_sparsity(writer.masks),
+            "sparsity": writer.overall_sparsity(), "layer_sparsity": writer.layer_sparsity(),
             "prune_seconds": prune_seconds, "seconds": seconds, "peak_rss_mb": memory.peak_mb,
         }
         writer.commit(record)

@@ -8,22 +8,31 @@ import torch
 from torch import nn
 
 
+# Upper bound on the logits one forward pass may produce: with a 32k vocabulary
+# a single 256-token window already has 33 MB of logits.
+_LOGITS_BUDGET_BYTES = 64 * 2**20
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> tuple[float, int]:
     """exp(mean NLL) over every predicted token of the windows → (ppl, predicted tokens).
 
     Each window of `seqlen` tokens predicts its tokens 2..seqlen from the ones
-    before (no context crosses windows)."""
+    before (no context crosses windows). Batches shrink so that their logits
+    stay within a fixed memory budget whatever the vocabulary size."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_window = windows.shape[1] * vocab * 4
+    batch_size = max(1, min(batch_size, _LOGITS_BUDGET_BYTES // per_window))
     model.to(device)
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            targets = batch[:, 1:]
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                              reduction="sum")
-            total_nll += float(nll)
-            total_tokens += targets.numel()
+            logits = model(input_ids=batch, use_cache=False).logits
+            for row in range(len(batch)):  # row by row: no copy of the whole batch's logits
+                nll = nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
+                total_nll += float(nll)
+            total_tokens += batch[:, 1:].numel()
+            del logits
     model.to("cpu")
     return math.exp(total_nll / total_tokens), total_tokens
 
@@ -44,16 +53,6 @@ def average_ppl(ppl: list[list[float | None]]) -> float | None:
         return None
     seen = ppl[-1][: len(ppl)]
     return sum(seen) / len(seen)
-
-
-def layer_sparsity(masks: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
-
-
-def overall_sparsity(masks: dict[str, torch.Tensor]) -> float:
-    kept = sum(int(mask.sum()) for mask in masks.values())
-    total = sum(mask.numel() for mask in masks.values())
-    return 1.0 - kept / total
 
 
 class PeakMemory:

@@ -58,7 +58,7 @@ class StepPolicy:
         if self.regime == "sequential" and self.parent is not None:
             forced = ~self.parent.mask(name)
         mask, new_weight = self.method.prune(base, stat, self.structure, forced, **self.method_options)
-        self.writer.masks[name] = mask.cpu()
+        self.writer.add_mask(name, mask)
         if new_weight is not None:
             new_weight = new_weight.to(base.dtype)
             self.writer.weights.add(name, new_weight)

@@ -11,6 +11,7 @@ into place when complete, so a step directory is either whole or absent.
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -77,18 +78,33 @@ class StepWriter:
         if self.partial.exists():
             shutil.rmtree(self.partial)  # left by a crashed attempt
         self.partial.mkdir(parents=True)
-        self.masks: dict[str, torch.Tensor] = {}
+        self.packed_masks: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.kept: dict[str, int] = {}
         self.sensitivity = _BlockedTensors(self.partial / "sensitivity")
         self.weights = _BlockedTensors(self.partial / "weights")
+
+    def add_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Keep masks bit-packed from the start: a bool mask costs a byte per weight."""
+        self.packed_masks[name] = maskio.pack(mask)
+        self.shapes[name] = list(mask.shape)
+        self.kept[name] = int(mask.sum())
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {name: 1.0 - self.kept[name] / math.prod(shape) for name, shape in self.shapes.items()}
+
+    def overall_sparsity(self) -> float:
+        return 1.0 - sum(self.kept.values()) / sum(math.prod(shape) for shape in self.shapes.values())
 
     def finish_block(self, index: int) -> None:
         self.sensitivity.flush(index)
         self.weights.flush(index)
 
     def commit(self, record: dict) -> Path:
-        packed = {name: maskio.pack(mask) for name, mask in self.masks.items()}
-        shapes = {name: json.dumps(list(mask.shape)) for name, mask in self.masks.items()}
-        save_file(packed, str(self.partial / "masks.safetensors"), metadata=shapes)
+        # One metadata key: safetensors writes a metadata map in arbitrary order,
+        # and the file must be byte-identical for the same masks.
+        shapes = json.dumps(self.shapes, sort_keys=True)
+        save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
         self.sensitivity.close()
         self.weights.close()
         write_json(self.partial / "step.json", record)
@@ -102,7 +118,6 @@ class StepState:
     def __init__(self, folder: Path):
         self.folder = folder
         self.record = read_json(folder / "step.json", "step record")
-        self._masks = None
 
     @property
     def id(self) -> int:
@@ -122,7 +137,7 @@ class StepState:
         path = self.folder / "masks.safetensors"
         with self._open(path) as handle:
             try:
-                shape = tuple(json.loads(handle.metadata()[name]))
+                shape = tuple(json.loads(handle.metadata()["shapes"])[name])
                 return maskio.unpack(handle.get_tensor(name), shape)
             except (KeyError, SafetensorError, ValueError) as error:
                 raise InputError(f"{path}: no valid mask for {name} ({error})") from None

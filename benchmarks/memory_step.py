@@ -1,0 +1,79 @@
+"""Peak memory of one copal step relative to the dense model's size.
+
+Builds a randomly initialised 12-block LLaMA (hidden 512, LLaMA-7B's ratios,
+32k vocabulary), saves it as safetensors, and runs one copal/accumulate step
+(64 × 256 calibration tokens) with `copal run` in a fresh process. Reports the
+step's peak RSS (from step.json: the high-water mark from the start of the
+step, model already loaded) and the whole process's peak RSS, each divided by
+the dense model's bytes. The target for the step is below 2.0.
+
+    python benchmarks/memory_step.py [--layers 12] [--hidden 512] [--out reports/memory_step.json]
+"""
+
+import argparse
+import inspect
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def build(folder: Path, layers: int, hidden: int) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import argparse as text_a, collections as text_b, difflib as text_c, logging as text_d
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n\n".join(inspect.getsource(m) for m in (text_a, text_b, text_c, text_d)))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train([str(corpus)], trainers.BpeTrainer(vocab_size=2048, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder / "model", safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder / "model")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("reports/memory_step.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        dense_bytes = build(folder, args.layers, args.hidden)
+        config = {"name": "memory", "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
+                  "method": "copal", "regime": "accumulate", "calibration": {"nsamples": 64, "seqlen": 256},
+                  "evaluation": {"seqlen": 256, "max_tokens": 4096}, "device": "cpu"}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        subprocess.run([sys.executable, "-m", "flows.cli", "run", str(folder / "config.yaml"), "--out",
+                        str(folder / "run")], check=True, env={"COPAL_DATA_DIR": str(folder / "arrow"),
+                                                               "PATH": "/usr/bin:/bin"})
+        process_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        step = json.loads((folder / "run/steps/1/step.json").read_text())
+    dense_mb = dense_bytes / 2**20
+    result = {"layers": args.layers, "hidden": args.hidden, "dense_mb": round(dense_mb, 1),
+              "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
+              "step_ratio": round(step["peak_rss_mb"] / dense_mb, 3),
+              "process_ratio": round(process_peak_mb / dense_mb, 3),
+              "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
