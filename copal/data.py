@@ -242,6 +242,10 @@ def _fingerprint(rows: list[tuple[str, str, str]]) -> str:
 
 
 def _cache_path(source: Source, data_dir: Path) -> Path:
+    """Builtin domains get fixed names (DVC tracks them); other sources are
+    keyed by a hash of where they come from, so two sources never share a file."""
+    if source.kind == "builtin":
+        return data_dir / "builtin" / f"{source.location}.arrow"
     key = hashlib.sha256(f"{source.kind}:{source.location}:{source.column}:{source.hf_config}:{source.hf_split}"
                          .encode()).hexdigest()[:10]
     return data_dir / f"{source.name}-{key}.arrow"
@@ -291,7 +295,7 @@ def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
                       "text": pa.array([r[2] for r in triples], pa.large_string())})
     table = table.replace_schema_metadata({"spec": source.spec, "fingerprint": fingerprint,
                                            "signature": signature, "counts": json.dumps(counts)})
-    data_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)

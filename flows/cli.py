@@ -136,6 +136,22 @@ def eval(  # noqa: A001 - the command is called eval
 
 
 @command
+def ingest(
+    data: Annotated[list[str], typer.Argument(help="Data sources, e.g. builtin:docs text:PATH jsonl:PATH[:FIELD].")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Arrow cache folder. Default: data/arrow "
+                                                          "(or $COPAL_DATA_DIR).")] = None,
+):
+    """Ingest data sources into Arrow (train/calibration/evaluation splits); prints JSON per source."""
+    from copal.data import ingest as ingest_source
+
+    _setup_logging(False)
+    for spec in data:
+        domain = ingest_source(spec, data_dir)
+        print(json.dumps({"name": domain.name, "source": spec, "fingerprint": domain.fingerprint,
+                          "path": str(domain.path), "documents": domain.counts}))
+
+
+@command
 def export(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     step: Annotated[int, typer.Option(help="Step id to export.")],
