@@ -17,12 +17,14 @@ This module is orchestration-free: the command line and the Prefect tasks call
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 
+from copal import masks as maskio
 from copal import metrics
 from copal.calibrate import loss_gradient_statistic, prune_layerwise
 from copal.config import RunConfig, build_config
@@ -139,18 +141,36 @@ def _same_run(recorded: RunConfig, wanted: RunConfig) -> str | None:
     return None
 
 
+@dataclass
+class PendingStep:
+    """A step being computed: where it writes, what it continues from, its clock."""
+
+    domain_index: int
+    step_id: int
+    parent: StepState | None
+    writer: StepWriter
+    memory: metrics.PeakMemory
+    started: float
+    batches: list[torch.Tensor] | None = None
+    prune_seconds: float = 0.0
+
+
 class ContinualRun:
-    """One process's view of a run: the model in memory, the run directory on disk."""
+    """One process's view of a run: the model in memory, the run directory on disk.
+
+    `step(i)` = `start_step` → `calibrate` → `prune` → `evaluate` → `finish_step`;
+    the Prefect flow calls the same pieces as separate tasks."""
 
     def __init__(self, config: RunConfig, root: Path, progress: Progress | None = None,
-                 data_dir: Path | None = None):
+                 data_dir: Path | None = None, readonly: bool = False):
         self.dir = RunDir(root)
         self.progress = progress or (lambda what, done, total: None)
         self.data_dir = data_dir
+        self.readonly = readonly
         self.device = resolve_device(config.device)
-        fingerprints = {}
+        self.fingerprints: dict[str, str] = {}
         if self.dir.exists():
-            recorded, fingerprints = self.dir.read_config()
+            recorded, self.fingerprints = self.dir.read_config()
             difference = _same_run(recorded, config)
             if difference:
                 raise InputError(f"{root}: holds a run of another config ({difference})")
@@ -159,28 +179,45 @@ class ContinualRun:
         elif self.dir.root.exists() and any(self.dir.root.iterdir()):
             raise InputError(f"{root}: exists and is not a run directory; choose an empty or new --out")
         self.config = config
-        self.domains = [self._ingest(spec, fingerprints) for spec in config.domains]
-        names = [domain.name for domain in self.domains]
-        if len(set(names)) != len(names):
-            raise InputError(f"domains: two sources have the same name ({names}); name them NAME=SOURCE")
+        self.domains: list[Domain] = []
         self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
         self.dense = DenseWeights(self.model, config.model)
         self.method = METHODS[config.method]
         self.structure = Structure(config.sparsity, config.n_m, config.mask_scope)
         self._windows: dict[str, torch.Tensor] = {}
         self._samples: dict[str, torch.Tensor] = {}
-        for domain in self.domains:  # fail on a too-short domain now, not after hours of work
-            self.samples(domain)
-            self.windows(domain)
-        self.dir.root.mkdir(parents=True, exist_ok=True)
-        self.dir.write_config(config, {d.name: d.fingerprint for d in self.domains})
+        for spec in config.domains:
+            self._add(spec)
+        self._save_config()
 
-    def _ingest(self, spec: str, recorded: dict[str, str]) -> Domain:
+    def _add(self, spec: str) -> Domain:
         domain = ingest(spec, self.data_dir)
-        if domain.name in recorded and recorded[domain.name] != domain.fingerprint:
+        recorded = self.fingerprints.get(domain.name)
+        if recorded is not None and recorded != domain.fingerprint:
             raise InputError(f"{spec}: data changed since the run recorded it "
-                             f"(fingerprint {domain.fingerprint}, recorded {recorded[domain.name]})")
+                             f"(fingerprint {domain.fingerprint}, recorded {recorded})")
+        if any(known.name == domain.name for known in self.domains):
+            raise InputError(f"{spec}: another domain is already named {domain.name!r}; name it NAME={spec}")
+        self.samples(domain)  # fail on a too-short domain now, not after hours of work
+        self.windows(domain)
+        self.domains.append(domain)
+        self.fingerprints[domain.name] = domain.fingerprint
         return domain
+
+    def _save_config(self) -> None:
+        if not self.readonly:
+            self.dir.root.mkdir(parents=True, exist_ok=True)
+            self.dir.write_config(self.config, {d.name: d.fingerprint for d in self.domains})
+
+    def domain_index(self, spec: str) -> int:
+        """Index of the domain `spec` names, appended to the run's domains if new."""
+        for index, domain in enumerate(self.domains):
+            if domain.source.spec == spec:
+                return index
+        self._add(spec)
+        self.config = self.config.model_copy(update={"domains": self.config.domains + [spec]})
+        self._save_config()
+        return len(self.domains) - 1
 
     # ------------------------------------------------------------------ evaluation
 
@@ -198,7 +235,7 @@ class ContinualRun:
         return self._windows[domain.name]
 
     def evaluate(self) -> dict[str, dict]:
-        """PPL of the model as it is now on every configured domain."""
+        """PPL of the model as it is now on every domain of the run."""
         results = {}
         for index, domain in enumerate(self.domains):
             self.progress("evaluate", index, len(self.domains))
@@ -224,11 +261,25 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ one step
 
-    def _calibration_batches(self, upto: int) -> list[torch.Tensor]:
-        """Calibration sequences of domain `upto` (joint: of domains 0..upto, pooled)."""
-        chosen = self.domains[: upto + 1] if self.config.regime == "joint" else [self.domains[upto]]
+    def start_step(self, domain_index: int, parent_id: int | None = None,
+                   steps_dir: Path | None = None) -> PendingStep:
+        """Open a step on `self.domains[domain_index]` continuing from `parent_id` (default HEAD)."""
+        parent_id = self.dir.head() if parent_id is None else parent_id
+        parent = self.dir.step(parent_id) if parent_id else None
+        step_id = max(self.dir.step_ids(), default=0) + 1
+        writer = StepWriter(steps_dir or self.dir.steps_dir, step_id)
+        memory = metrics.PeakMemory()
+        return PendingStep(domain_index, step_id, parent, writer, memory, time.perf_counter())
+
+    def calibrate(self, pending: PendingStep) -> None:
+        """The step's calibration sequences (joint: pooled over the lineage's domains too)."""
+        chosen = [self.domains[pending.domain_index]]
+        if self.config.regime == "joint":
+            seen = self.dir.lineage(pending.parent.id) if pending.parent else []
+            names = {state.record["domain"] for state in seen}
+            chosen = [d for d in self.domains if d.name in names and d is not chosen[0]] + chosen
         samples = torch.cat([self.samples(d) for d in chosen])
-        return list(samples.split(self.config.calibration.batch_size))
+        pending.batches = list(samples.split(self.config.calibration.batch_size))
 
     def _method_options(self) -> dict:
         return self.config.sparsegpt.model_dump() if self.config.method == "sparsegpt" else {}
@@ -238,72 +289,88 @@ class ContinualRun:
             return {"normalize": self.config.copal.normalize, "reduce": self.config.copal.reduce}
         return {"normalize": True, "reduce": "sum"}
 
-    def prune_step(self, domain_index: int, parent: StepState | None, writer: StepWriter) -> None:
-        """Calibrate on the domain, update the statistic and apply masks, in place."""
-        batches = self._calibration_batches(domain_index)
+    def prune(self, pending: PendingStep) -> None:
+        """Update the statistic and apply masks, block by block, in place. The two
+        are interleaved: block k's statistic needs blocks < k already masked."""
+        start = time.perf_counter()
         statistic = self.method.statistic
-        precomputed = None
-        policy = StepPolicy(self.method, self.config.regime, self.structure, self.dense, parent, writer,
-                            self._method_options(), self._accumulate_options())
+        policy = StepPolicy(self.method, self.config.regime, self.structure, self.dense, pending.parent,
+                            pending.writer, self._method_options(), self._accumulate_options())
         if self.config.method == "copal" and self.config.copal.sensitivity == "loss":
             modules = all_prunable(self.model)
             for name, module in modules.items():
                 set_weight_matrix(module, policy.base_weight(name))
-            policy.precomputed = loss_gradient_statistic(self.model, batches, self.device, list(modules))
+            policy.precomputed = loss_gradient_statistic(self.model, pending.batches, self.device, list(modules))
             statistic = None
-        prune_layerwise(self.model, batches, statistic, policy, self.device,
+        prune_layerwise(self.model, pending.batches, statistic, policy, self.device,
                         progress=lambda done, total: self.progress("prune blocks", done, total))
+        pending.prune_seconds = time.perf_counter() - start
 
-    def step(self, domain_index: int) -> dict:
-        """Run, evaluate and record one step on `self.domains[domain_index]`, continuing from HEAD."""
-        domain = self.domains[domain_index]
-        parent_id = self.dir.head()
-        parent = self.dir.step(parent_id) if parent_id else None
-        step_id = max(self.dir.step_ids(), default=0) + 1
-        writer = StepWriter(self.dir.steps_dir, step_id)
-        with metrics.PeakMemory() as memory:
-            start = time.perf_counter()
-            self.prune_step(domain_index, parent, writer)
-            prune_seconds = time.perf_counter() - start
-            evaluation = self.evaluate()
-            seconds = time.perf_counter() - start
+    def finish_step(self, pending: PendingStep, evaluation: dict[str, dict]) -> dict:
+        """Write the step whole, make it HEAD, refresh metrics.json."""
+        domain = self.domains[pending.domain_index]
         record = {
-            "step": step_id, "parent": parent_id, "index": (parent.record["index"] if parent else 0) + 1,
+            "step": pending.step_id, "parent": pending.parent.id if pending.parent else 0,
+            "index": (pending.parent.record["index"] if pending.parent else 0) + 1,
             "domain": domain.name, "source": domain.source.spec, "fingerprint": domain.fingerprint,
             "method": self.config.method, "regime": self.config.regime, "structure": self.config.structure,
             "sparsity_target": self.config.sparsity, "seed": self.config.calibration.seed,
             "code_revision": _code_revision(),
             "ppl": {name: result["ppl"] for name, result in evaluation.items()},
             "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
-            "sparsity": writer.overall_sparsity(), "layer_sparsity": writer.layer_sparsity(),
-            "prune_seconds": prune_seconds, "seconds": seconds, "peak_rss_mb": memory.peak_mb,
+            "sparsity": pending.writer.overall_sparsity(), "layer_sparsity": pending.writer.layer_sparsity(),
+            "prune_seconds": pending.prune_seconds, "seconds": time.perf_counter() - pending.started,
+            "peak_rss_mb": pending.memory.peak_mb,
         }
-        writer.commit(record)
-        self.dir.set_head(step_id)
+        pending.writer.commit(record)
+        self.dir.set_head(pending.step_id)
         self.write_metrics()
         return record
 
+    def step(self, domain_index: int) -> dict:
+        """One whole step on `self.domains[domain_index]`, continuing from HEAD."""
+        pending = self.start_step(domain_index)
+        self.calibrate(pending)
+        self.prune(pending)
+        return self.finish_step(pending, self.evaluate())
+
     # ------------------------------------------------------------------ the whole run
 
-    def pending(self) -> list[int]:
-        """Indices of the configured domains not yet covered by HEAD's lineage."""
-        lineage = self.dir.lineage()
-        for position, state in enumerate(lineage):
-            if position >= len(self.domains) or state.record["domain"] != self.domains[position].name:
-                raise InputError(f"{self.dir.root}: step {state.id} is on domain {state.record['domain']}, "
-                                 f"but the config has {self.domains[position].name if position < len(self.domains) else 'no domain'} there")
-        return list(range(len(lineage), len(self.domains)))
+    def remaining(self) -> list[int]:
+        """Indices of the run's domains that HEAD's lineage has not stepped on yet."""
+        done = {state.record["domain"] for state in self.dir.lineage()}
+        return [index for index, domain in enumerate(self.domains) if domain.name not in done]
 
-    def run(self) -> dict:
+    def run(self, step: Callable[[int], dict] | None = None) -> dict:
+        """Step through every pending domain in order; recorded steps are kept as they are."""
+        step = step or self.step
         self.dense_ppl()
-        pending = self.pending()
-        for index in range(len(self.domains)):
-            if index not in pending:
-                log.info("step %d (%s) already recorded; not recomputed", index + 1, self.domains[index].name)
-                continue
-            log.info("step %d/%d: %s", index + 1, len(self.domains), self.domains[index].name)
-            self.step(index)
+        for state in self.dir.lineage():
+            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record["domain"])
+        for index in self.remaining():
+            log.info("step on domain %d/%d: %s", index + 1, len(self.domains), self.domains[index].name)
+            step(index)
         return self.write_metrics()
+
+    def replay(self, step_id: int) -> list[str]:
+        """Recompute a recorded step from its parent and data; the layers whose masks differ."""
+        import tempfile
+
+        state = self.dir.step(step_id)
+        names = [d.name for d in self.domains]
+        index = names.index(state.record["domain"])
+        if self.domains[index].fingerprint != state.record["fingerprint"]:
+            raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
+                             f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
+        recorded = {name: state.mask(name) for name in state.mask_names()}
+        with tempfile.TemporaryDirectory() as scratch:
+            pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
+            self.calibrate(pending)
+            self.prune(pending)
+            return [name for name, packed in pending.writer.packed_masks.items()
+                    if name not in recorded or not torch.equal(maskio.unpack(packed, recorded[name].shape),
+                                                               recorded[name])] + \
+                   [name for name in recorded if name not in pending.writer.packed_masks]
 
     def write_metrics(self) -> dict:
         payload = summarize(self.dir, self.config)
@@ -312,17 +379,20 @@ class ContinualRun:
 
 
 def summarize(run_dir: RunDir, config: RunConfig) -> dict:
-    """metrics.json's content, derived from the records of HEAD's lineage."""
+    """metrics.json's content, derived from the records of HEAD's lineage.
+
+    Columns: the lineage's domains in step order, then the run's other domains."""
     lineage = [state.record for state in run_dir.lineage()]
     dense = read_json(run_dir.dense_path, "dense PPLs") if run_dir.dense_path.exists() else {}
-    names = [record["domain"] for record in lineage]
-    names += [name for name in dense if name not in names]
+    names = list(dict.fromkeys([record["domain"] for record in lineage] + list(dense)))
     matrix = [[record["ppl"].get(name) for name in names] for record in lineage]
+    step_columns = [names.index(record["domain"]) for record in lineage]
     return {
         "model": config.model, "method": config.method, "regime": config.regime,
         "structure": config.structure, "sparsity": config.sparsity, "seqlen": config.evaluation.seqlen,
         "domains": names, "dense_ppl": [dense.get(name) for name in names],
-        "ppl": matrix, "bwt": metrics.bwt(matrix), "avg_ppl": metrics.average_ppl(matrix),
+        "ppl": matrix, "bwt": metrics.bwt(matrix, step_columns),
+        "avg_ppl": metrics.average_ppl(matrix, step_columns),
         "steps": [{"step": r["step"], "domain": r["domain"], "seconds": r["seconds"],
                    "prune_seconds": r["prune_seconds"], "peak_rss_mb": r["peak_rss_mb"],
                    "sparsity": r["sparsity"]} for r in lineage],

@@ -37,41 +37,37 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def bwt(ppl: list[list[float | None]]) -> float | None:
+def bwt(ppl: list[list[float | None]], step_columns: list[int]) -> float | None:
     """Backward transfer after the last step T (lower is better):
-    1/(T-1) Σ_{i<T} (P[T][i] − P[i][i]), rows = steps 1..T, column i = domain of step i."""
+    1/(T-1) Σ_{i<T} (P[T][d_i] − P[i][d_i]), d_i the domain of step i."""
     steps = len(ppl)
     if steps < 2:
         return None
     last = ppl[-1]
-    return sum(last[i] - ppl[i][i] for i in range(steps - 1)) / (steps - 1)
+    return sum(last[column] - ppl[i][column] for i, column in enumerate(step_columns[:-1])) / (steps - 1)
 
 
-def average_ppl(ppl: list[list[float | None]]) -> float | None:
-    """Mean PPL of the last step's model over the domains seen so far (1..T)."""
+def average_ppl(ppl: list[list[float | None]], step_columns: list[int]) -> float | None:
+    """Mean PPL of the last step's model over the domains its lineage has seen."""
     if not ppl:
         return None
-    seen = ppl[-1][: len(ppl)]
-    return sum(seen) / len(seen)
+    seen = sorted(set(step_columns))
+    return sum(ppl[-1][column] for column in seen) / len(seen)
 
 
 class PeakMemory:
-    """Peak resident memory (MB) of this process over a stretch of work.
+    """Peak resident memory (MB) of this process from construction on.
 
     Linux keeps the high-water mark in /proc/self/status (VmHWM); writing "5" to
     /proc/self/clear_refs resets it, so each step gets its own peak. Elsewhere
     we fall back to the lifetime peak from getrusage."""
 
-    def __enter__(self):
+    def __init__(self):
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")
         except OSError:
             pass
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
     @property
     def peak_mb(self) -> float:

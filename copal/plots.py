@@ -1,0 +1,130 @@
+"""The figures of the run report and of the benchmark, as PNG bytes.
+
+Figures use matplotlib's object API on the Agg canvas, never pyplot: no global
+backend is switched, no window can open, and it is safe in worker processes.
+Missing values (None) are left blank rather than drawn as zero.
+"""
+
+import io
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+Value = float | None
+
+
+def png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def format_value(value: Value) -> str:
+    """Perplexities span 1 to 10⁵: keep about four significant figures."""
+    if value is None:
+        return "–"
+    if abs(value) >= 10000:
+        return f"{value:.3g}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _array(rows: list[list[Value]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def _annotate(axes, data: np.ndarray, image, fontsize: float, text=format_value) -> None:
+    """Write each value in its cell, white on dark colours, black on light ones."""
+    for (row, column), value in np.ndenumerate(data):
+        if np.isfinite(value):
+            shade = float(image.norm(value))
+            axes.text(column, row, text(float(value)), ha="center", va="center", fontsize=fontsize,
+                      color="white" if shade < 0.55 else "black")
+
+
+def ppl_heatmap(matrix: list[list[Value]], row_labels: list[str], columns: list[str], title: str) -> bytes:
+    """Perplexity per (row, domain) on a log colour scale, values written in the cells."""
+    data = _array(matrix)
+    finite = data[np.isfinite(data) & (data > 0)]
+    wide = finite.size and finite.max() > 10 * finite.min()  # a log scale only pays off over a decade
+    norm = LogNorm(finite.min(), finite.max()) if wide else None
+    figure = Figure(figsize=(2.5 + 1.2 * len(columns), 1.4 + 0.5 * len(row_labels)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(data), cmap="viridis", norm=norm, aspect="auto")
+    axes.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    axes.set_yticks(range(len(row_labels)), row_labels)
+    axes.set_xlabel("evaluated on")
+    axes.set_title(title)
+    _annotate(axes, data, image, fontsize=9)
+    bar = figure.colorbar(image, ax=axes, label="perplexity" + (" (log scale)" if norm else ""))
+    if norm:
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    return png(figure)
+
+
+def bwt_over_steps(labels: list[str], values: list[Value]) -> bytes:
+    """BWT after each step; a step with no value (the first) is marked undefined."""
+    figure = Figure(figsize=(2.5 + 0.9 * len(labels), 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    points = [(x, v) for x, v in enumerate(values) if v is not None]
+    if points:
+        xs, ys = zip(*points)
+        axes.plot(xs, ys, marker="o", color="tab:red")
+        for x, y in points:
+            axes.annotate(format_value(y), (x, y), textcoords="offset points", xytext=(0, 7), ha="center",
+                          fontsize=8)
+    for x, value in enumerate(values):
+        if value is None:
+            axes.annotate("undefined", (x, 0), ha="center", va="bottom", fontsize=8, color="grey")
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set_xlim(-0.5, len(labels) - 0.5)
+    axes.set_ylabel("BWT (PPL points, lower is better)")
+    axes.set_title("Backward transfer after each step")
+    return png(figure)
+
+
+def layer_heatmap(matrix: list[list[Value]], row_labels: list[str], layers: list[str], title: str) -> bytes:
+    """Realised sparsity per (step, layer) on a fixed 0–1 scale."""
+    data = _array(matrix)
+    width = min(18.0, 3.0 + 0.32 * len(layers))
+    figure = Figure(figsize=(width, 2.2 + 0.35 * len(row_labels)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(data), cmap="magma", norm=Normalize(0.0, 1.0), aspect="auto")
+    every = max(1, len(layers) // 48)  # at most ~48 readable tick labels
+    axes.set_xticks(range(0, len(layers), every), layers[::every], rotation=90, fontsize=7)
+    axes.set_yticks(range(len(row_labels)), row_labels)
+    axes.set_title(title)
+    if data.size <= 200 and len(layers) <= 30:
+        _annotate(axes, data, image, fontsize=7, text=lambda v: f"{v:.2f}")
+    figure.colorbar(image, ax=axes, label="sparsity")
+    return png(figure)
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[Value]], title: str, ylabel: str,
+                 reference: tuple[str, float] | None = None, log: bool = False) -> bytes:
+    """One group of bars per label in `groups`, one bar per series; missing values are gaps."""
+    figure = Figure(figsize=(3.0 + 0.55 * len(groups) * max(1, len(series)) ** 0.5, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for index, (name, values) in enumerate(series.items()):
+        xs = [x + (index - (len(series) - 1) / 2) * width for x in range(len(groups))]
+        heights = [np.nan if v is None else v for v in values]
+        axes.bar(xs, heights, width=width, label=name)
+    if reference:
+        axes.axhline(reference[1], color="black", linestyle="--", linewidth=1, label=reference[0])
+    if log:
+        axes.set_yscale("log")
+    else:
+        axes.axhline(0, color="grey", linewidth=0.6)
+    axes.set_xticks(range(len(groups)), groups, rotation=35, ha="right")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    return png(figure)
