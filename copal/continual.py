@@ -378,11 +378,11 @@ class ContinualRun:
         return payload
 
 
-def summarize(run_dir: RunDir, config: RunConfig) -> dict:
-    """metrics.json's content, derived from the records of HEAD's lineage.
-
-    Columns: the lineage's domains in step order, then the run's other domains."""
-    lineage = [state.record for state in run_dir.lineage()]
+def summarize(run_dir: RunDir, config: RunConfig, head: int | None = None) -> dict:
+    """metrics.json's content, derived from the records of the lineage of `head`
+    (default HEAD). Columns: the lineage's domains in step order, then the run's
+    other domains."""
+    lineage = [state.record for state in run_dir.lineage(head)]
     dense = read_json(run_dir.dense_path, "dense PPLs") if run_dir.dense_path.exists() else {}
     names = list(dict.fromkeys([record["domain"] for record in lineage] + list(dense)))
     matrix = [[record["ppl"].get(name) for name in names] for record in lineage]

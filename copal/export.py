@@ -1,22 +1,28 @@
-"""A recorded step → a plain Hugging Face model directory."""
+"""A recorded step → model weights: in memory, or as a plain Hugging Face directory."""
 
 from pathlib import Path
 
 from copal.continual import RunDir
 from copal.errors import InputError
 from copal.model import DenseWeights, all_prunable, load_model, set_weight_matrix
+from copal.state import StepState
 
 
-def load_step_model(run_root: Path, step_id: int):
-    """(model, tokenizer) holding exactly the weights after step `step_id`."""
-    run_dir = RunDir(run_root).require()
-    config, _ = run_dir.read_config()
-    state = run_dir.step(step_id)
-    model, tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
-    dense = DenseWeights(model, config.model)
+def load_with_step(location: str, state: StepState, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer): the base model at `location` with a step's masks
+    (and reconstructed weights, for sparsegpt) applied."""
+    model, tokenizer = load_model(location, dtype, trust_remote_code)
+    dense = DenseWeights(model, location)
     for name, module in all_prunable(model).items():
         set_weight_matrix(module, state.weight(name, dense))
     return model, tokenizer
+
+
+def load_step_model(run_root: Path, step_id: int):
+    """(model, tokenizer) holding exactly the weights after step `step_id` of a run."""
+    run_dir = RunDir(run_root).require()
+    config, _ = run_dir.read_config()
+    return load_with_step(config.model, run_dir.step(step_id), config.dtype, config.trust_remote_code)
 
 
 def export_step(run_root: Path, step_id: int, out: Path) -> None:

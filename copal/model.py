@@ -66,6 +66,23 @@ def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = 
     return model, tokenizer
 
 
+def weights_fingerprint(location: str) -> str:
+    """SHA-256 over a local checkpoint's safetensors files ("" for a hub id):
+    what a recorded mask is only valid on top of."""
+    import hashlib
+
+    path = Path(location)
+    if not path.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the ModuleList of same-typed modules holding the most parameters."""
     best, best_size = None, 0

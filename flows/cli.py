@@ -44,9 +44,13 @@ def command(function):
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+    """copal's own messages go to stderr through Rich; Prefect keeps its own handler
+    (its lines name the task run); library chatter and download bars are silenced."""
+    logger = logging.getLogger("copal")
+    logger.handlers = [RichHandler(console=err, show_path=False, show_time=False)]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import datasets
     import transformers
@@ -92,24 +96,160 @@ def print_summary(metrics: dict) -> None:
     console.print(f"BWT {fmt(metrics['bwt'])}   average PPL {fmt(metrics['avg_ppl'])}")
 
 
+TrackingUri = Annotated[Optional[str], typer.Option(
+    help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db.")]
+
+
+@contextmanager
+def flow_progress():
+    """Route the library's progress reports into the Rich display during a flow."""
+    from flows import continual
+
+    with progress_bar() as report:
+        continual.progress = report
+        try:
+            yield
+        finally:
+            continual.progress = None
+
+
 @command
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="Run config (YAML). Default: the offline demo config.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value or a.b=value.")] = [],
     out: Annotated[Optional[Path], typer.Option(help="Run directory. Default: runs/<name>.")] = None,
+    tracking_uri: TrackingUri = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
-    """A continual run over the config's domain sequence (resumes an interrupted run)."""
+    """A continual run over the config's domain sequence, as a Prefect flow recorded in
+    MLflow and DVC. Rerunning resumes at the first unrecorded step."""
     from copal.config import load_config
-    from copal.continual import ContinualRun
 
     _setup_logging(verbose)
     cfg = load_config(config, set_)
+    from flows.continual import continual_flow
+
     root = out or Path("runs") / cfg.name
-    with progress_bar() as report:
-        metrics = ContinualRun(cfg, root, progress=report).run()
+    with flow_progress():
+        metrics = continual_flow(cfg, root, tracking_uri)
     print_summary(metrics)
     err.print(f"run directory: {root}")
+
+
+@command
+def step(
+    data: Annotated[str, typer.Argument(help="The new domain's data source, e.g. text:PATH or builtin:code.")],
+    run: Annotated[Path, typer.Option(help="Run directory of an existing run.")],
+    tracking_uri: TrackingUri = None,
+):
+    """One more continual step on a new domain, continuing from the run's HEAD (what a
+    scheduled job calls)."""
+    from copal.continual import RunDir, summarize
+
+    _setup_logging(False)
+    RunDir(run).require()
+    from flows.continual import step_flow
+
+    with flow_progress():
+        step_flow(data, run, tracking_uri)
+    directory = RunDir(run)
+    print_summary(summarize(directory, directory.read_config()[0]))
+
+
+@command
+def replay(
+    run: Annotated[Path, typer.Option(help="Run directory.")],
+    step: Annotated[int, typer.Option(help="Step id to recompute.")],
+):
+    """Recompute a step from its parent and its recorded data; exit 0 only if the masks
+    are bit-identical to the recorded ones (1 if they differ). Changes nothing on disk."""
+    from copal.continual import ContinualRun, RunDir
+
+    _setup_logging(False)
+    directory = RunDir(run).require()
+    directory.step(step)
+    config, _ = directory.read_config()
+    with progress_bar() as report:
+        differing = ContinualRun(config, run, progress=report, readonly=True).replay(step)
+    if differing:
+        err.print(f"copal: step {step}: masks differ from the record in {len(differing)} layer(s): "
+                  f"{', '.join(differing[:5])}{' …' if len(differing) > 5 else ''}", markup=False)
+        raise typer.Exit(1)
+    print(f"step {step}: replay reproduced the recorded masks bit for bit")
+
+
+@command
+def rollback(
+    run: Annotated[Path, typer.Option(help="Run directory.")],
+    step: Annotated[int, typer.Option(help="Step id to make HEAD again.")],
+):
+    """Make an earlier step the head of the run; later steps stay in the history, and the
+    next step continues from this one."""
+    from copal.continual import RunDir, summarize
+    from copal.state import write_json
+
+    _setup_logging(False)
+    directory = RunDir(run).require()
+    directory.step(step)
+    config, _ = directory.read_config()
+    previous = directory.head()
+    directory.set_head(step)
+    write_json(directory.metrics_path, summarize(directory, config))
+    err.print(f"HEAD: step {previous} → step {step}")
+
+
+@command
+def history(
+    run: Annotated[Path, typer.Option(help="Run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+):
+    """The audit table: every recorded step with its domain, data fingerprint, method,
+    sparsity, PPLs, BWT, MLflow run id and DVC revision (* marks HEAD's lineage)."""
+    from flows.audit import history_rows
+
+    _setup_logging(False)
+    rows = history_rows(run)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title=f"history of {run} (* = in HEAD's lineage)")
+    for column in ("step", "parent", "domain", "data", "method", "sparsity", "PPL own", "avg PPL",
+                   "BWT", "MLflow run", "DVC rev"):
+        table.add_column(column, no_wrap=True)
+    fmt = lambda value: "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)  # noqa: E731
+    for row in rows:
+        table.add_row(f"{row['step']}{' *' if row['in_head_lineage'] else ''}{' HEAD' if row['head'] else ''}",
+                      str(row["parent"]), row["domain"], row["fingerprint"][:8],
+                      f"{row['method']}/{row['regime']} {row['structure']}", fmt(row["sparsity"]),
+                      fmt(row["ppl_own"]), fmt(row["avg_ppl"]), fmt(row["bwt"]),
+                      (row["mlflow_run_id"] or "-")[:8], (row["dvc_revision"] or "-")[:8])
+    Console(width=max(Console().width, 150)).print(table)
+
+
+@command
+def serve(
+    run: Annotated[Path, typer.Option(help="Run directory the schedule adds steps to.")],
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 1' (Mondays 03:00).")],
+    queue: Annotated[Optional[Path], typer.Option(help="Folder of new domains (*.txt, *.jsonl, *.parquet, "
+                                                       "folders), taken in name order.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Deployment name. Default: the run's name.")] = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Serve a Prefect deployment that runs one `copal step` per cron tick on the next
+    domain of the queue (then the config's pending domains). Needs a Prefect server:
+    `prefect server start`, and PREFECT_API_URL pointing at it."""
+    from copal.continual import RunDir
+
+    _setup_logging(False)
+    config, _ = RunDir(run).require().read_config()
+    if queue is not None and not queue.is_dir():
+        raise InputError(f"{queue}: queue folder not found")
+    from flows.continual import scheduled_step_flow
+
+    scheduled_step_flow.serve(name=name or config.name, cron=cron,
+                              parameters={"run_dir": str(run.resolve()),
+                                          "queue": str(queue.resolve()) if queue else None,
+                                          "tracking_uri": tracking_uri})
 
 
 @command
@@ -163,6 +303,57 @@ def export(
     _setup_logging(False)
     export_step(run, step, out)
     err.print(f"wrote {out}")
+
+
+@command
+def report(
+    run: Annotated[Path, typer.Option(help="Run directory.")],
+    out: Annotated[Optional[Path], typer.Option(help="HTML file to write. Default: RUN_DIR/report.html.")] = None,
+):
+    """An HTML report of a run's history: the PPL matrix as a heat map, BWT after each step,
+    realised sparsity per layer and the step table (HEAD's lineage). One self-contained file:
+    plots are embedded, nothing is fetched when it opens."""
+    from copal.report import write_report
+
+    _setup_logging(False)
+    err.print(f"wrote {write_report(run, out)}")
+
+
+@command
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="A few cells on 3 domains with less calibration and "
+                                                        "evaluation data: a smoke test of a few minutes.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: reports (reports/quick with "
+                                                     "--quick).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Cells run at once. Default: as many as fit in the "
+                                                     "available memory, at most one per core.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Base run config (model, domains, calibration, "
+                                                        "evaluation). Default: the demo config.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+):
+    """The benchmark grid on the config's domain sequence: methods (magnitude, wanda, sparsegpt,
+    copal) × regimes (sequential, reprune, accumulate, joint) × structures (50 % unstructured, 2:4,
+    4:8), a 60/70 % sparsity sweep for wanda and copal, and the dense model. Writes
+    OUT/benchmark.json, OUT/benchmark.md and PNG plots; each cell is a run in OUT/cells/<cell>, so
+    an interrupted grid resumes where it stopped and finished cells are not recomputed."""
+    from copal.bench import run_benchmark
+
+    _setup_logging(verbose)
+    with progress_bar() as report:
+        summary, written = run_benchmark(config, out, quick, jobs, progress=report)
+    fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+    table = Table(title="benchmark cells")
+    for column in ("cell", "avg PPL", "BWT", "s/step", "peak MB"):
+        table.add_column(column, justify="left" if column == "cell" else "right")
+    if summary["dense"]:
+        table.add_row("dense", fmt(summary["dense"]["avg_ppl"]), "-", "-", "-")
+    for cell in summary["cells"]:
+        steps = cell["steps"]
+        table.add_row(cell["id"], fmt(cell["avg_ppl"]), fmt(cell["bwt"]),
+                      f"{sum(s['seconds'] for s in steps) / len(steps):.1f}",
+                      f"{max(s['peak_rss_mb'] for s in steps):.0f}")
+    Console().print(table)
+    err.print(f"wrote {', '.join(str(path) for path in written[:2])} and {len(written) - 2} plot(s)")
 
 
 def main() -> None:

@@ -1,0 +1,416 @@
+"""The benchmark grid: methods × regimes × structures on one domain sequence (`copal bench`).
+
+Each cell is an ordinary continual run in OUT/cells/<cell-id>, so the grid
+resumes as a run does: a cell whose metrics.json covers every domain is skipped,
+a half-done one continues at its first unrecorded step. Cells run in separate
+processes, as many at once as memory allows.
+
+Magnitude pruning uses no calibration data, so its regimes coincide: reprune,
+accumulate and joint all score |W0|, and sequential ranks |W0 ⊙ mask|, whose top
+weights are exactly the mask it already has. It runs once per structure,
+recorded as regime `reprune`.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from copal import plots
+from copal.atomic import write_atomic
+from copal.config import METHODS, REGIMES, RunConfig, build_config, load_config
+from copal.errors import InputError
+
+log = logging.getLogger("copal")
+
+Progress = Callable[[str, int, int], None]
+
+STRUCTURES = ("unstructured", "2:4", "4:8")
+SWEEP_SPARSITIES = (0.6, 0.7)
+SWEEP_METHODS = ("wanda", "copal")
+SWEEP_REGIMES = ("sequential", "reprune", "accumulate")
+MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
+                  "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
+# Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses.
+KEY_CELLS = ("copal-accumulate-u50", "wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
+             "sparsegpt-accumulate-u50")
+QUICK_DOMAINS = 3
+QUICK_NSAMPLES = 16
+QUICK_MAX_TOKENS = 8192
+MEMORY_HEADROOM = 0.8  # plan parallel cells within this share of the available memory
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    regime: str
+    structure: str = "unstructured"
+    sparsity: float = 0.5
+
+    @property
+    def id(self) -> str:
+        shape = (f"u{round(self.sparsity * 100)}" if self.structure == "unstructured"
+                 else self.structure.replace(":", "of"))
+        return f"{self.method}-{self.regime}-{shape}"
+
+    @property
+    def label(self) -> str:
+        return "magnitude" if self.method == "magnitude" else f"{self.method}/{self.regime}"
+
+
+def full_grid() -> list[Cell]:
+    """Every method × regime × structure at 50 %, then the 60/70 % unstructured sweep."""
+    cells = []
+    for structure in STRUCTURES:
+        cells.append(Cell("magnitude", "reprune", structure))
+        cells += [Cell(method, regime, structure) for method in METHODS if method != "magnitude"
+                  for regime in REGIMES]
+    cells += [Cell(method, regime, "unstructured", sparsity) for sparsity in SWEEP_SPARSITIES
+              for method in SWEEP_METHODS for regime in SWEEP_REGIMES]
+    return cells
+
+
+def quick_grid() -> list[Cell]:
+    """A smoke test of the benchmark: one continual baseline per data-driven method, and COPAL."""
+    return [Cell("wanda", "reprune"), Cell("sparsegpt", "reprune"), Cell("copal", "accumulate")]
+
+
+def quick_config(base: RunConfig) -> RunConfig:
+    """Fewer domains, calibration samples and evaluation tokens (never more than the base has)."""
+    raw = base.model_dump()
+    raw["domains"] = raw["domains"][:QUICK_DOMAINS]
+    raw["calibration"]["nsamples"] = min(raw["calibration"]["nsamples"], QUICK_NSAMPLES)
+    raw["evaluation"]["max_tokens"] = max(raw["evaluation"]["seqlen"],
+                                          min(raw["evaluation"]["max_tokens"], QUICK_MAX_TOKENS))
+    return build_config(raw, "quick benchmark config")
+
+
+def cell_config(base: RunConfig, cell: Cell) -> RunConfig:
+    raw = base.model_dump() | {"name": cell.id, "method": cell.method, "regime": cell.regime,
+                               "structure": cell.structure, "sparsity": cell.sparsity}
+    return build_config(raw, f"benchmark cell {cell.id}")
+
+
+def cell_dir(out_dir: Path, cell: Cell) -> Path:
+    return Path(out_dir) / "cells" / cell.id
+
+
+def _cell_metrics(out_dir: Path, cell: Cell) -> dict | None:
+    try:
+        return json.loads((cell_dir(out_dir, cell) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(out_dir: Path, cell: Cell, domains: int) -> bool:
+    metrics = _cell_metrics(out_dir, cell)
+    return bool(metrics) and len(metrics.get("steps", [])) >= domains
+
+
+# ----------------------------------------------------------------------------- running cells
+
+
+def available_memory_mb() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measured_peak_mb(out_dir: Path, cells: list[Cell]) -> float | None:
+    """The highest per-step peak RSS any of these cells has recorded so far."""
+    peaks = [step["peak_rss_mb"] for cell in cells for step in (_cell_metrics(out_dir, cell) or {}).get("steps", [])]
+    return max(peaks, default=None)
+
+
+def default_jobs(peak_mb: float, available_mb: float, cores: int) -> int:
+    """As many cells at once as fit in memory (with headroom), at most one per core."""
+    return max(1, min(cores, int(MEMORY_HEADROOM * available_mb // max(peak_mb, 1.0))))
+
+
+def _run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int | None,
+              progress: Progress | None = None) -> None:
+    """One cell, to the end of its domain sequence (resuming what is recorded)."""
+    import torch
+
+    from copal.continual import ContinualRun
+
+    if threads:
+        torch.set_num_threads(threads)
+    ContinualRun(config, root, progress=progress, data_dir=data_dir).run()
+
+
+def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None = None,
+             data_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Exception]:
+    """Run every unfinished cell; returns {cell id: error} for the cells that failed.
+
+    jobs=None sizes the pool from the per-cell peak RSS already recorded under
+    `out_dir`, or, when nothing is recorded yet, from running the first cell
+    alone. jobs=1 runs the cells in this process."""
+    from copal.data import ingest
+
+    progress = progress or (lambda what, done, total: None)
+    for spec in base.domains:  # bad data fails here, once; parallel cells then find the Arrow cache warm
+        ingest(spec, data_dir)
+    configs = {cell.id: cell_config(base, cell) for cell in cells}
+    pending = [cell for cell in cells if not is_finished(out_dir, cell, len(base.domains))]
+    done = len(cells) - len(pending)
+    if done:
+        log.info("%d of %d cells already finished; skipped", done, len(cells))
+    progress("cells", done, len(cells))
+    failures: dict[str, Exception] = {}
+
+    def finished(cell: Cell, error: Exception | None) -> None:
+        nonlocal done
+        done += 1
+        progress("cells", done, len(cells))
+        if error is None:
+            log.info("cell %s finished (%d/%d)", cell.id, done, len(cells))
+        else:
+            failures[cell.id] = error
+            log.error("cell %s failed: %s", cell.id, error,
+                      exc_info=None if isinstance(error, InputError) else error)
+
+    def run_here(cell: Cell) -> None:
+        try:
+            _run_cell(configs[cell.id], cell_dir(out_dir, cell), data_dir, None, progress)
+        except Exception as error:  # one broken cell must not cost the others
+            finished(cell, error)
+        else:
+            finished(cell, None)
+
+    cores = os.cpu_count() or 1
+    if jobs is None and pending:
+        if measured_peak_mb(out_dir, cells) is None:
+            run_here(pending.pop(0))
+        peak = measured_peak_mb(out_dir, cells)
+        jobs = default_jobs(peak, available_memory_mb(), cores) if peak else 1
+        log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
+    if jobs == 1 or len(pending) <= 1:
+        for cell in pending:
+            run_here(cell)
+        return failures
+    workers = min(jobs, len(pending))
+    threads = max(1, cores // jobs)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_cell, configs[cell.id], cell_dir(out_dir, cell), data_dir, threads): cell
+                   for cell in pending}
+        for future in as_completed(futures):
+            finished(futures[future], future.exception())
+    return failures
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def summarize_grid(base: RunConfig, cells: list[Cell], out_dir: Path) -> dict:
+    """benchmark.json: the shared setup, the dense row, and every finished cell's metrics."""
+    results, missing = [], []
+    for cell in cells:
+        if not is_finished(out_dir, cell, len(base.domains)):
+            missing.append(cell.id)
+            continue
+        metrics = _cell_metrics(out_dir, cell)
+        config = cell_config(base, cell)
+        options = {"copal": config.copal.model_dump(), "sparsegpt": config.sparsegpt.model_dump()}
+        results.append({
+            "id": cell.id, "label": cell.label, "method": cell.method, "regime": cell.regime,
+            "structure": cell.structure, "sparsity": cell.sparsity, "options": options.get(cell.method, {}),
+            "domains": metrics["domains"], "dense_ppl": metrics["dense_ppl"], "ppl": metrics["ppl"],
+            "bwt": metrics["bwt"], "avg_ppl": metrics["avg_ppl"], "steps": metrics["steps"],
+        })
+    dense = None
+    if results:
+        dense = {"domains": results[0]["domains"], "ppl": results[0]["dense_ppl"],
+                 "avg_ppl": _mean(results[0]["dense_ppl"])}
+    return {
+        "setup": {"model": base.model, "domains": base.domains, "calibration": base.calibration.model_dump(),
+                  "evaluation": base.evaluation.model_dump(), "dtype": base.dtype},
+        "notes": {"magnitude": MAGNITUDE_NOTE},
+        "dense": dense, "cells": results, "missing": missing,
+    }
+
+
+def _by_id(summary: dict) -> dict[str, dict]:
+    return {cell["id"]: cell for cell in summary["cells"]}
+
+
+def _rows(cells: list[dict]) -> list[tuple[str, str]]:
+    """(method, regime) pairs present, in the canonical method and regime order."""
+    present = {(cell["method"], cell["regime"]) for cell in cells}
+    return [(m, r) for m in METHODS for r in REGIMES if (m, r) in present]
+
+
+def _structure_label(structure: str, sparsity: float) -> str:
+    return f"{round(sparsity * 100)} % unstructured" if structure == "unstructured" else structure
+
+
+def _metric_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
+    """Rows method/regime; per (structure, sparsity) column pair: average PPL and BWT."""
+    wanted = [c for c in summary["cells"] if (c["structure"], c["sparsity"]) in columns]
+    lookup = {(c["method"], c["regime"], c["structure"], c["sparsity"]): c for c in wanted}
+    head = ["method", "regime"]
+    for structure, sparsity in columns:
+        label = _structure_label(structure, sparsity)
+        head += [f"{label} avg PPL", f"{label} BWT"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    if summary["dense"]:
+        dense = plots.format_value(summary["dense"]["avg_ppl"])
+        lines.append("| dense | – |" + f" {dense} | – |" * len(columns))
+    for method, regime in _rows(wanted):
+        row = [method, "any¹" if method == "magnitude" else regime]
+        for structure, sparsity in columns:
+            cell = lookup.get((method, regime, structure, sparsity))
+            row += [plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"])] if cell else ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _cost_cells(summary: dict) -> list[dict]:
+    """Per method, its 50 % unstructured cell in the accumulate regime (magnitude: reprune)."""
+    cells = _by_id(summary)
+    chosen = []
+    for method in METHODS:
+        regime = "reprune" if method == "magnitude" else "accumulate"
+        cell = cells.get(Cell(method, regime).id)
+        if cell:
+            chosen.append(cell)
+    return chosen
+
+
+def _cost(cell: dict) -> dict:
+    steps = cell["steps"]
+    return {"seconds": _mean([s["seconds"] for s in steps]), "prune_seconds": _mean([s["prune_seconds"] for s in steps]),
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in steps)}
+
+
+def _cost_section(summary: dict) -> list[str]:
+    chosen = _cost_cells(summary)
+    if not chosen:
+        return []
+    lines = ["## Cost per step (50 % unstructured)", "",
+             "| method | regime | mean s/step | mean pruning s/step | peak RSS MB |", "|---|---|---:|---:|---:|"]
+    costs = {cell["method"]: _cost(cell) for cell in chosen}
+    for cell in chosen:
+        cost = costs[cell["method"]]
+        lines.append(f"| {cell['method']} | {cell['regime']} | {cost['seconds']:.1f} | {cost['prune_seconds']:.2f} "
+                     f"| {cost['peak_rss_mb']:.0f} |")
+    lines.append("")
+    if "copal" in costs:
+        for other in ("wanda", "sparsegpt"):
+            if other in costs:
+                prune = costs["copal"]["prune_seconds"] / costs[other]["prune_seconds"]
+                whole = costs["copal"]["seconds"] / costs[other]["seconds"]
+                lines.append(f"- copal's pruning time is {prune:.2f}× {other}'s "
+                             f"({whole:.2f}× for the whole step, evaluation included).")
+        lines.append("")
+    return lines
+
+
+def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
+    """benchmark.md: the paper-style table, the sparsity sweep, the cost table, links to the plots."""
+    setup = summary["setup"]
+    names = summary["dense"]["domains"] if summary["dense"] else setup["domains"]
+    calibration, evaluation = setup["calibration"], setup["evaluation"]
+    lines = [
+        "# Continual pruning benchmark", "",
+        f"Model `{setup['model']}`, domains {' → '.join(names)}; calibration {calibration['nsamples']} × "
+        f"{calibration['seqlen']} tokens per domain (seed {calibration['seed']}); evaluation on at most "
+        f"{evaluation['max_tokens']} tokens per domain in windows of {evaluation['seqlen']}.", "",
+        "avg PPL: mean perplexity of the final model over all domains. BWT: mean change of perplexity on each "
+        "earlier domain from the step that calibrated on it to the end (negative: it improved). Lower is better "
+        "for both. `joint` keeps every domain's data: an upper reference, not a continual method.", "",
+        "## Average PPL and BWT after the last step, 50 % sparsity", "",
+    ]
+    main = [(s, 0.5) for s in STRUCTURES if any(c["structure"] == s and c["sparsity"] == 0.5
+                                                 for c in summary["cells"])]
+    lines += _metric_table(summary, main) + [""]
+    sweep = sorted({c["sparsity"] for c in summary["cells"] if c["structure"] == "unstructured"})
+    if len(sweep) > 1:
+        lines += ["## Sparsity sweep, unstructured", ""]
+        lines += _metric_table(summary, [("unstructured", s) for s in sweep]) + [""]
+    lines += _cost_section(summary)
+    lines += [f"¹ {summary['notes']['magnitude']}.", ""]
+    lines += [f"![{Path(name).stem}]({name})" for name in plot_files]
+    if summary["missing"]:
+        lines += ["", f"Not yet run ({len(summary['missing'])}): " + ", ".join(summary["missing"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(summary: dict, out_dir: Path) -> list[Path]:
+    """PPL-matrix heat maps of the key cells, and BWT / average-PPL bars at 50 % sparsity."""
+    written = []
+    cells = _by_id(summary)
+    for cell_id in KEY_CELLS:
+        cell = cells.get(cell_id)
+        if cell:
+            rows = [f"{step['step']}: {step['domain']}" for step in cell["steps"]]
+            image = plots.ppl_heatmap([cell["dense_ppl"], *cell["ppl"]], ["dense", *rows], cell["domains"],
+                                      f"{cell['label']}, {_structure_label(cell['structure'], cell['sparsity'])}")
+            written.append(write_atomic(Path(out_dir) / f"ppl_matrix-{cell_id}.png", image))
+    half = [c for c in summary["cells"] if c["sparsity"] == 0.5]
+    if not half:
+        return written
+    groups = list(dict.fromkeys(c["label"] for c in sorted(half, key=lambda c: (METHODS.index(c["method"]),
+                                                                                REGIMES.index(c["regime"])))))
+    structures = [s for s in STRUCTURES if any(c["structure"] == s for c in half)]
+    lookup = {(c["label"], c["structure"]): c for c in half}
+
+    def series(key: str) -> dict[str, list]:
+        return {s: [lookup[(g, s)][key] if (g, s) in lookup else None for g in groups] for s in structures}
+
+    averages = [v for values in series("avg_ppl").values() for v in values if v]
+    dense = summary["dense"]["avg_ppl"] if summary["dense"] else None
+    wide = averages and max(averages) > 10 * min(averages + ([dense] if dense else []))
+    written.append(write_atomic(Path(out_dir) / "avg_ppl.png", plots.grouped_bars(
+        groups, series("avg_ppl"), "Average PPL after the last step (50 % sparsity)", "perplexity",
+        ("dense", dense) if dense else None, log=bool(wide))))
+    written.append(write_atomic(Path(out_dir) / "bwt.png", plots.grouped_bars(
+        groups, series("bwt"), "BWT after the last step (50 % sparsity)", "BWT (PPL points)")))
+    return written
+
+
+def default_out(quick: bool) -> Path:
+    return Path("reports/quick") if quick else Path("reports")
+
+
+def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
+                  jobs: int | None = None, data_dir: Path | None = None,
+                  progress: Progress | None = None) -> tuple[dict, list[Path]]:
+    """The whole benchmark: run (or resume) the grid, then write JSON, Markdown and plots.
+
+    Failed cells are left out of the outputs (listed as missing) and reported
+    once everything else is written."""
+    if jobs is not None and jobs < 1:
+        raise InputError(f"--jobs {jobs}: must be at least 1")
+    out_dir = Path(out_dir) if out_dir else default_out(quick)
+    base = load_config(config_path)
+    cells = quick_grid() if quick else full_grid()
+    if quick:
+        base = quick_config(base)
+    failures = run_grid(base, cells, out_dir, jobs, data_dir, progress)
+    summary = summarize_grid(base, cells, out_dir) | {"quick": quick}
+    images = write_plots(summary, out_dir)
+    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
+               write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
+    if failures:
+        listing = "; ".join(f"{cell}: {error}" for cell, error in failures.items())
+        message = f"{len(failures)} of {len(cells)} benchmark cells failed ({listing})"
+        if all(isinstance(error, InputError) for error in failures.values()):
+            raise InputError(message)
+        raise RuntimeError(message)
+    return summary, written

@@ -1,0 +1,114 @@
+"""Prefect flows: a continual run, one more step, and the scheduled step.
+
+A step is the task chain ingest → calibrate → sensitivity-and-masks →
+evaluate → record → track-mlflow → snapshot-dvc. The run directory is the
+cache: a step recorded there is never recomputed, so a run killed at any point
+restarts at the first unrecorded step (and records in MLflow/DVC whatever a
+crash left unrecorded there).
+
+By default Prefect runs against a temporary local API (no server to start);
+set PREFECT_API_URL to use a Prefect server.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+from copal.continual import ContinualRun, RunDir  # noqa: E402
+from copal.errors import InputError  # noqa: E402
+from tasks import steps  # noqa: E402
+from tasks.snapshot import revisions  # noqa: E402
+from tasks.tracking import Tracker  # noqa: E402
+
+log = logging.getLogger("copal")
+
+# The command line's progress display; a process-wide setting, not a flow
+# parameter, because Prefect records flow parameters and a callback is not data.
+progress = None
+
+
+def _step(run: ContinualRun, tracker: Tracker, domain_index: int) -> dict:
+    pending = steps.calibrate(run, domain_index)
+    steps.prune(run, pending)
+    evaluation = steps.evaluate(run)
+    record = steps.record(run, pending, evaluation)
+    _publish(run, tracker, record["step"])
+    return record
+
+
+def _publish(run: ContinualRun, tracker: Tracker, step_id: int) -> None:
+    steps.track(tracker, run, step_id)
+    steps.snapshot(run, step_id)
+
+
+def _catch_up(run: ContinualRun, tracker: Tracker) -> None:
+    """Track/snapshot steps a crash recorded on disk but not in MLflow/DVC."""
+    snapshotted = revisions(run.dir)
+    for state in run.dir.lineage():
+        if str(state.id) not in tracker.steps() or str(state.id) not in snapshotted:
+            get_run_logger().info("step %d was recorded but not published; publishing it now", state.id)
+            _publish(run, tracker, state.id)
+
+
+@flow(name="copal-run")
+def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None) -> dict:
+    """Every pending domain of the config, one step each."""
+    run = steps.open_run(config, out, progress, data_dir)
+    tracker = Tracker(run.dir, tracking_uri)
+    tracker.ensure_parent(run.config)
+    steps.dense_eval(run)
+    _catch_up(run, tracker)
+    return run.run(step=lambda index: _step(run, tracker, index))
+
+
+@flow(name="copal-step")
+def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None) -> dict:
+    """One more step on `data` for an existing run, continuing from its HEAD."""
+    config, _ = RunDir(run_dir).require().read_config()
+    run = steps.open_run(config, run_dir, progress, data_dir)
+    tracker = Tracker(run.dir, tracking_uri)
+    tracker.ensure_parent(run.config)
+    _catch_up(run, tracker)
+    index = steps.ingest(run, data)
+    steps.dense_eval(run)
+    return _step(run, tracker, index)
+
+
+def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
+    """The next domain a scheduled run should take: the first file or folder of
+    `queue` (in name order) not yet stepped on in HEAD's lineage, else the first
+    configured domain not yet stepped on; None when there is nothing left."""
+    from copal.data import parse_source
+
+    directory = RunDir(run_dir).require()
+    config, _ = directory.read_config()
+    done = {state.record["domain"] for state in directory.lineage()}
+    candidates = list(config.domains)
+    if queue is not None:
+        if not queue.is_dir():
+            raise InputError(f"{queue}: queue folder not found")
+        kinds = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+        for entry in sorted(queue.iterdir()):
+            kind = "text" if entry.is_dir() else kinds.get(entry.suffix)
+            if kind:
+                candidates.append(f"{kind}:{entry.resolve()}")
+    for spec in candidates:
+        if parse_source(spec).name not in done:
+            return spec
+    return None
+
+
+@flow(name="copal-scheduled-step")
+def scheduled_step_flow(run_dir: str, queue: str | None = None, tracking_uri: str | None = None) -> dict | None:
+    """What a schedule triggers: one step on the next domain of the queue."""
+    spec = next_in_queue(Path(run_dir), Path(queue) if queue else None)
+    if spec is None:
+        get_run_logger().info("nothing left in the queue of %s; no step taken", run_dir)
+        return None
+    get_run_logger().info("next domain for %s: %s", run_dir, spec)
+    return step_flow(spec, Path(run_dir), tracking_uri)

@@ -1,0 +1,1 @@
+"""Prefect tasks and the I/O around the library: MLflow tracking, DVC snapshots."""

@@ -1,0 +1,50 @@
+"""DVC snapshots of a step's directory (masks, sensitivity, weights).
+
+Outside `dvc repro`, a step directory is added to DVC's cache with `dvc add`,
+which leaves `steps/K.dvc` (to commit with git) and returns its content hash:
+the step's DVC revision. Inside `dvc repro` (DVC sets DVC_STAGE) the stage
+itself versions its outputs, and a nested `dvc add` would deadlock on DVC's
+repository lock, so the stage name is returned instead.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from copal.continual import RunDir
+from copal.state import read_json, write_json
+
+
+def revisions(run_dir: RunDir) -> dict[str, str | None]:
+    """Step id → DVC revision, as recorded in RUN_DIR/snapshots.json."""
+    path = run_dir.root / "snapshots.json"
+    return read_json(path, "snapshot record") if path.exists() else {}
+
+
+def record_revision(run_dir: RunDir, step_id: int, revision: str | None) -> None:
+    write_json(run_dir.root / "snapshots.json", revisions(run_dir) | {str(step_id): revision})
+
+
+def dvc_root(path: Path) -> Path | None:
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def snapshot_step(step_dir: Path) -> str | None:
+    """The step's DVC revision: an md5 from `dvc add`, `stage:NAME`, or None outside a DVC project."""
+    if os.environ.get("DVC_STAGE"):
+        return f"stage:{os.environ['DVC_STAGE']}"
+    root = dvc_root(step_dir)
+    if root is None:
+        return None
+    result = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(step_dir.resolve())],
+                            cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc add {step_dir} failed: {result.stderr.strip() or result.stdout.strip()}")
+    pointer = yaml.safe_load(step_dir.with_name(step_dir.name + ".dvc").read_text())
+    return pointer["outs"][0]["md5"]

@@ -1,0 +1,211 @@
+"""MLflow: one parent run per continual run, one child run per step, and a
+registered model version per step that loads back to exactly its weights.
+
+A version stores the step's bit-packed masks (plus reconstructed weights where
+the method changed them, i.e. sparsegpt) and a pointer to the base checkpoint
+with its SHA-256, not a copy of the model: about 1/16 of an fp16 copy.
+
+The default store is a SQLite file in the project. SQLite takes one writer at
+a time, so writes from concurrent runs are serialised with a file lock.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from copal.continual import RunDir
+from copal.errors import InputError
+from copal.model import weights_fingerprint
+from copal.state import StepState, read_json, write_json
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "copal"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Exclusive access to a SQLite tracking store across processes (no-op for servers)."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _client(uri: str):
+    import logging
+
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment:
+        return experiment.experiment_id
+    path = _sqlite_path(uri)
+    location = (path.parent / "mlruns").as_uri() if path else None
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+    except MlflowException:  # created by a concurrent run in between
+        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+class Tracker:
+    """Records a run directory's steps in MLflow; ids are kept in RUN_DIR/tracking.json."""
+
+    def __init__(self, run_dir: RunDir, uri: str | None = None):
+        self.run_dir = run_dir
+        self.file = run_dir.root / "tracking.json"
+        self.state = read_json(self.file, "tracking record") if self.file.exists() else {}
+        self.uri = self.state.get("tracking_uri") or tracking_uri(uri)
+        if uri and self.state.get("tracking_uri") not in (None, uri):
+            raise InputError(f"{run_dir.root}: recorded in MLflow at {self.state['tracking_uri']}, not {uri}")
+
+    def _save(self) -> None:
+        write_json(self.file, self.state)
+
+    def steps(self) -> dict[str, dict]:
+        return self.state.get("steps", {})
+
+    def ensure_parent(self, config) -> str:
+        """The parent run of this continual run (created once, reused on resume)."""
+        if "parent_run_id" in self.state:
+            return self.state["parent_run_id"]
+        with store_lock(self.uri):
+            client = _client(self.uri)
+            experiment_id = _experiment_id(client, self.uri)
+            run = client.create_run(experiment_id, run_name=config.name,
+                                    tags={"copal.run_dir": str(self.run_dir.root.resolve())})
+            client.log_batch(run.info.run_id, params=_params(config.model_dump()))
+            client.set_terminated(run.info.run_id, "RUNNING")
+        self.state.update({"tracking_uri": self.uri, "experiment_id": experiment_id,
+                           "parent_run_id": run.info.run_id, "model_name": config.name, "steps": {}})
+        self._save()
+        return run.info.run_id
+
+    def record_step(self, state: StepState, metrics: dict, config, plot_png: bytes | None = None) -> dict:
+        """A child run with the step's params, metrics and artifacts, and a new
+        version of the registered model. Idempotent per step."""
+        from mlflow.entities import Metric, Param
+
+        key = str(state.id)
+        if key in self.steps():
+            return self.steps()[key]
+        parent = self.ensure_parent(config)
+        record = state.record
+        params = {"domain": record["domain"], "source": record["source"], "fingerprint": record["fingerprint"],
+                  "method": record["method"], "regime": record["regime"], "structure": record["structure"],
+                  "sparsity": record["sparsity_target"], "seed": record["seed"],
+                  "code_revision": record["code_revision"], "parent_step": record["parent"]}
+        values = {f"ppl.{name}": value for name, value in record["ppl"].items()}
+        values.update({"sparsity": record["sparsity"], "seconds": record["seconds"],
+                       "prune_seconds": record["prune_seconds"], "peak_rss_mb": record["peak_rss_mb"]})
+        if metrics.get("bwt") is not None:
+            values["bwt"] = metrics["bwt"]
+        values["avg_ppl"] = metrics["avg_ppl"]
+        with tempfile.TemporaryDirectory() as scratch, store_lock(self.uri):
+            model_dir = _model_artifact(state, config, Path(scratch) / "model")
+            client = _client(self.uri)
+            run = client.create_run(self.state["experiment_id"], run_name=f"step {state.id}: {record['domain']}",
+                                    tags={"mlflow.parentRunId": parent, "copal.step": key})
+            run_id = run.info.run_id
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                             metrics=[Metric(k, float(v), 0, record["index"]) for k, v in values.items()])
+            client.log_artifacts(run_id, str(model_dir), "model")
+            if (state.folder / "sensitivity").is_dir():
+                client.log_artifacts(run_id, str(state.folder / "sensitivity"), "sensitivity")
+            if plot_png:
+                (Path(scratch) / "ppl_matrix.png").write_bytes(plot_png)
+                client.log_artifact(run_id, str(Path(scratch) / "ppl_matrix.png"))
+            client.set_terminated(run_id)
+            version = self._register(client, run_id, state)
+        self.state.setdefault("steps", {})[key] = {"run_id": run_id, "model_version": version}
+        self._save()
+        return self.state["steps"][key]
+
+    def _register(self, client, run_id: str, state: StepState) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.state["model_name"]
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # it exists (another step or run made it)
+        version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                              tags={"copal.step": str(state.id),
+                                                    "copal.run_dir": str(self.run_dir.root.resolve())})
+        return str(version.version)
+
+
+def _params(config: dict, prefix: str = "") -> list:
+    from mlflow.entities import Param
+
+    flat = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat += _params(value, f"{prefix}{key}.")
+        else:
+            flat.append(Param(f"{prefix}{key}", str(value)[:6000]))
+    return flat
+
+
+def _model_artifact(state: StepState, config, folder: Path) -> Path:
+    """What a registered version holds: masks (+ weights), step.json, base.json."""
+    folder.mkdir(parents=True)
+    for name in ("masks.safetensors", "step.json"):
+        shutil.copy(state.folder / name, folder / name)
+    if (state.folder / "weights").is_dir():
+        shutil.copytree(state.folder / "weights", folder / "weights")
+    base = {"model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
+            "dtype": config.dtype, "weights_sha256": weights_fingerprint(config.model)}
+    (folder / "base.json").write_text(json.dumps(base, indent=1) + "\n")
+    return folder
+
+
+def load_model_version(name: str, version: str | int, uri: str | None = None):
+    """(model, tokenizer) of a registered version: exactly that step's weights.
+
+        from tasks.tracking import load_model_version
+        model, tokenizer = load_model_version("demo", 3)
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from copal.export import load_with_step
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=scratch))
+        except MlflowException as error:
+            raise InputError(f"models:/{name}/{version}: {str(error).splitlines()[0]}") from None
+        base = json.loads((local / "base.json").read_text())
+        if base["weights_sha256"] and weights_fingerprint(base["model"]) != base["weights_sha256"]:
+            raise InputError(f"{base['model']}: base weights changed since version {version} was recorded")
+        return load_with_step(base["model"], StepState(local), base["dtype"])
