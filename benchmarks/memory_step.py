@@ -13,6 +13,7 @@ the dense model's bytes. The target for the step is below 2.0.
 import argparse
 import inspect
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,9 +24,10 @@ import torch
 import yaml
 
 
-def build(folder: Path, layers: int, hidden: int) -> int:
+def train_tokenizer(folder: Path):
+    """A 2k byte-level BPE tokenizer trained on stdlib sources, and the corpus file (folder/corpus.txt)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     import argparse as text_a, collections as text_b, difflib as text_c, logging as text_d
 
@@ -36,14 +38,43 @@ def build(folder: Path, layers: int, hidden: int) -> int:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train([str(corpus)], trainers.BpeTrainer(vocab_size=2048, special_tokens=["<eos>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>"), corpus
+
+
+def save_random_llama(folder: Path, config, max_shard_size: str | None = None) -> int:
+    """A randomly initialised LLaMA and a trained tokenizer in folder/model; returns the
+    model's parameter bytes. The model is freed before returning."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer, _ = train_tokenizer(folder)
     torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder / "model", safe_serialization=True, **shards)
+    tokenizer.save_pretrained(folder / "model")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_step(folder: Path, config: dict) -> tuple[dict, float]:
+    """`copal run` of `config` (one domain) in a fresh process, kept inside `folder`
+    (run, Arrow cache, MLflow store, Prefect home); returns (step 1's record, the
+    process's peak RSS in MB)."""
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "COPAL_DATA_DIR": str(folder / "arrow"), "PREFECT_HOME": str(folder / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(folder / "config.yaml"), "--out",
+                    str(folder / "run"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"], check=True, env=env)
+    process_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return json.loads((folder / "run/steps/1/step.json").read_text()), process_peak_mb
+
+
+def build(folder: Path, layers: int, hidden: int) -> int:
+    from transformers import LlamaConfig
+
     config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
                          max_position_embeddings=2048, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder / "model", safe_serialization=True)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder / "model")
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return save_random_llama(folder, config)
 
 
 def main() -> None:
@@ -58,12 +89,7 @@ def main() -> None:
         config = {"name": "memory", "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
                   "method": "copal", "regime": "accumulate", "calibration": {"nsamples": 64, "seqlen": 256},
                   "evaluation": {"seqlen": 256, "max_tokens": 4096}, "device": "cpu"}
-        (folder / "config.yaml").write_text(yaml.safe_dump(config))
-        subprocess.run([sys.executable, "-m", "flows.cli", "run", str(folder / "config.yaml"), "--out",
-                        str(folder / "run")], check=True, env={"COPAL_DATA_DIR": str(folder / "arrow"),
-                                                               "PATH": "/usr/bin:/bin"})
-        process_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        step = json.loads((folder / "run/steps/1/step.json").read_text())
+        step, process_peak_mb = run_step(folder, config)
     dense_mb = dense_bytes / 2**20
     result = {"layers": args.layers, "hidden": args.hidden, "dense_mb": round(dense_mb, 1),
               "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),

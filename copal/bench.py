@@ -41,7 +41,7 @@ KEY_CELLS = ("copal-accumulate-u50", "wanda-sequential-u50", "wanda-reprune-u50"
              "sparsegpt-accumulate-u50")
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16
-QUICK_MAX_TOKENS = 8192
+QUICK_MAX_TOKENS = 4096
 MEMORY_HEADROOM = 0.8  # plan parallel cells within this share of the available memory
 
 
@@ -188,7 +188,7 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
         else:
             finished(cell, None)
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if jobs is None and pending:
         if measured_peak_mb(out_dir, cells) is None:
             run_here(pending.pop(0))
@@ -200,7 +200,7 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
             run_here(cell)
         return failures
     workers = min(jobs, len(pending))
-    threads = max(1, cores // jobs)
+    threads = max(1, cores // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run_cell, configs[cell.id], cell_dir(out_dir, cell), data_dir, threads): cell
                    for cell in pending}
@@ -281,12 +281,12 @@ def _metric_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
 
 
 def _cost_cells(summary: dict) -> list[dict]:
-    """Per method, its 50 % unstructured cell in the accumulate regime (magnitude: reprune)."""
+    """Per method, its 50 % unstructured cell in the accumulate regime, else reprune (magnitude
+    has only reprune; the quick grid has wanda and sparsegpt only in reprune)."""
     cells = _by_id(summary)
     chosen = []
     for method in METHODS:
-        regime = "reprune" if method == "magnitude" else "accumulate"
-        cell = cells.get(Cell(method, regime).id)
+        cell = cells.get(Cell(method, "accumulate").id) or cells.get(Cell(method, "reprune").id)
         if cell:
             chosen.append(cell)
     return chosen
@@ -294,7 +294,8 @@ def _cost_cells(summary: dict) -> list[dict]:
 
 def _cost(cell: dict) -> dict:
     steps = cell["steps"]
-    return {"seconds": _mean([s["seconds"] for s in steps]), "prune_seconds": _mean([s["prune_seconds"] for s in steps]),
+    return {"seconds": _mean([s["seconds"] for s in steps]),
+            "prune_seconds": _mean([s["prune_seconds"] for s in steps]),
             "peak_rss_mb": max(s["peak_rss_mb"] for s in steps)}
 
 
@@ -302,7 +303,7 @@ def _cost_section(summary: dict) -> list[str]:
     chosen = _cost_cells(summary)
     if not chosen:
         return []
-    lines = ["## Cost per step (50 % unstructured)", "",
+    lines = ["## Cost per step (50 % unstructured; accumulate, else reprune)", "",
              "| method | regime | mean s/step | mean pruning s/step | peak RSS MB |", "|---|---|---:|---:|---:|"]
     costs = {cell["method"]: _cost(cell) for cell in chosen}
     for cell in chosen:
@@ -344,7 +345,8 @@ def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
         lines += ["## Sparsity sweep, unstructured", ""]
         lines += _metric_table(summary, [("unstructured", s) for s in sweep]) + [""]
     lines += _cost_section(summary)
-    lines += [f"¹ {summary['notes']['magnitude']}.", ""]
+    if any(cell["method"] == "magnitude" for cell in summary["cells"]):
+        lines += [f"¹ {summary['notes']['magnitude']}.", ""]
     lines += [f"![{Path(name).stem}]({name})" for name in plot_files]
     if summary["missing"]:
         lines += ["", f"Not yet run ({len(summary['missing'])}): " + ", ".join(summary["missing"]) + "."]

@@ -32,7 +32,7 @@ from copal.data import Domain, calibration_samples, evaluation_windows, ingest
 from copal.errors import InputError
 from copal.masks import Structure
 from copal.methods import METHODS
-from copal.model import DenseWeights, all_prunable, load_model, resolve_device, set_weight_matrix
+from copal.model import DenseWeights, all_prunable, load_model, load_tokenizer, resolve_device, set_weight_matrix
 from copal.regimes import StepPolicy
 from copal.state import StepState, StepWriter, read_json, write_json
 
@@ -155,6 +155,40 @@ class PendingStep:
     prune_seconds: float = 0.0
 
 
+def reconcile(run_dir: RunDir, config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
+    """The config to run in `run_dir` (with any domains the run added) and the
+    recorded fingerprints; an error if the directory holds another run."""
+    if run_dir.exists():
+        recorded, fingerprints = run_dir.read_config()
+        difference = _same_run(recorded, config)
+        if difference:
+            raise InputError(f"{run_dir.root}: holds a run of another config ({difference})")
+        if len(recorded.domains) > len(config.domains):
+            config = config.model_copy(update={"domains": recorded.domains})
+        return config, fingerprints
+    if run_dir.root.exists() and any(run_dir.root.iterdir()):
+        raise InputError(f"{run_dir.root}: exists and is not a run directory; choose an empty or new --out")
+    return config, {}
+
+
+def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), data_dir: Path | None = None) -> None:
+    """Check every input of a run (directory, model files, data, lengths) without
+    loading the model, so bad input fails in seconds, before any orchestration."""
+    run_dir = RunDir(root)
+    config, fingerprints = reconcile(run_dir, config)
+    if run_dir.head():
+        run_dir.step(run_dir.head()).verify()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    cal, ev = config.calibration, config.evaluation
+    for spec in list(config.domains) + list(new_specs):
+        domain = ingest(spec, data_dir)
+        if fingerprints.get(domain.name, domain.fingerprint) != domain.fingerprint:
+            raise InputError(f"{spec}: data changed since the run recorded it "
+                             f"(fingerprint {domain.fingerprint}, recorded {fingerprints[domain.name]})")
+        calibration_samples(domain, tokenizer, cal.nsamples, cal.seqlen, cal.seed)
+        evaluation_windows(domain, tokenizer, ev.seqlen, ev.max_tokens)
+
+
 class ContinualRun:
     """One process's view of a run: the model in memory, the run directory on disk.
 
@@ -168,16 +202,7 @@ class ContinualRun:
         self.data_dir = data_dir
         self.readonly = readonly
         self.device = resolve_device(config.device)
-        self.fingerprints: dict[str, str] = {}
-        if self.dir.exists():
-            recorded, self.fingerprints = self.dir.read_config()
-            difference = _same_run(recorded, config)
-            if difference:
-                raise InputError(f"{root}: holds a run of another config ({difference})")
-            if len(recorded.domains) > len(config.domains):
-                config = config.model_copy(update={"domains": recorded.domains})
-        elif self.dir.root.exists() and any(self.dir.root.iterdir()):
-            raise InputError(f"{root}: exists and is not a run directory; choose an empty or new --out")
+        config, self.fingerprints = reconcile(self.dir, config)
         self.config = config
         self.domains: list[Domain] = []
         self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from copal import splits
@@ -230,7 +231,7 @@ class Domain:
         """The documents of one part, in the stored (hash) order."""
         with pa.memory_map(str(self.path)) as stream:
             table = pa.ipc.open_file(stream).read_all()
-        mask = pa.compute.equal(table.column("part"), part)
+        mask = pc.equal(table.column("part"), part)
         return table.filter(mask).column("text").to_pylist()
 
 

@@ -38,10 +38,8 @@ def _check_model_dir(path: Path) -> None:
         raise InputError(f"{path}: no model weights (*.safetensors)")
 
 
-def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) from a local HF directory or a hub id, in eval mode on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_location(location: str) -> None:
+    """A local model directory must exist and hold a config and safetensors weights."""
     path = Path(location)
     if path.exists():
         if not path.is_dir():
@@ -49,6 +47,24 @@ def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = 
         _check_model_dir(path)
     elif location.startswith((".", "/")) or location.count("/") > 1:
         raise InputError(f"{location}: model directory not found")
+
+
+def load_tokenizer(location: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    check_model_location(location)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{location}: cannot load tokenizer ({first_line})") from None
+
+
+def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) from a local HF directory or a hub id, in eval mode on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_location(location)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code

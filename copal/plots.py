@@ -116,7 +116,8 @@ def grouped_bars(groups: list[str], series: dict[str, list[Value]], title: str, 
     for index, (name, values) in enumerate(series.items()):
         xs = [x + (index - (len(series) - 1) / 2) * width for x in range(len(groups))]
         heights = [np.nan if v is None else v for v in values]
-        axes.bar(xs, heights, width=width, label=name)
+        bars = axes.bar(xs, heights, width=width, label=name)
+        axes.bar_label(bars, labels=[format_value(v) if v is not None else "" for v in values], fontsize=7)
     if reference:
         axes.axhline(reference[1], color="black", linestyle="--", linewidth=1, label=reference[0])
     if log:

@@ -129,6 +129,14 @@ class StepState:
         except (SafetensorError, OSError) as error:
             raise InputError(f"{file}: corrupt snapshot file ({error})") from None
 
+    def verify(self) -> None:
+        """Open every tensor file of the step: a corrupt snapshot is an InputError now,
+        not half-way through the next step."""
+        for file in sorted(self.folder.rglob("*.safetensors")):
+            with self._open(file) as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+
     def mask_names(self) -> list[str]:
         with self._open(self.folder / "masks.safetensors") as handle:
             return list(handle.keys())

@@ -125,11 +125,14 @@ def run(
     MLflow and DVC. Rerunning resumes at the first unrecorded step."""
     from copal.config import load_config
 
+    from copal.continual import preflight
+
     _setup_logging(verbose)
     cfg = load_config(config, set_)
+    root = out or Path("runs") / cfg.name
+    preflight(cfg, root)
     from flows.continual import continual_flow
 
-    root = out or Path("runs") / cfg.name
     with flow_progress():
         metrics = continual_flow(cfg, root, tracking_uri)
     print_summary(metrics)
@@ -146,8 +149,10 @@ def step(
     scheduled job calls)."""
     from copal.continual import RunDir, summarize
 
+    from copal.continual import preflight
+
     _setup_logging(False)
-    RunDir(run).require()
+    preflight(RunDir(run).require().read_config()[0], run, (data,))
     from flows.continual import step_flow
 
     with flow_progress():
@@ -310,9 +315,11 @@ def report(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     out: Annotated[Optional[Path], typer.Option(help="HTML file to write. Default: RUN_DIR/report.html.")] = None,
 ):
-    """An HTML report of a run's history: the PPL matrix as a heat map, BWT after each step,
-    realised sparsity per layer and the step table (HEAD's lineage). One self-contained file:
-    plots are embedded, nothing is fetched when it opens."""
+    """An HTML report of a run's history (plots and the step table).
+
+    The PPL matrix as a heat map, BWT after each step, realised sparsity per layer and the
+    step table, along HEAD's lineage. One self-contained file: the plots are embedded and
+    nothing is fetched when it opens."""
     from copal.report import write_report
 
     _setup_logging(False)
@@ -331,11 +338,13 @@ def bench(
                                                         "evaluation). Default: the demo config.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
-    """The benchmark grid on the config's domain sequence: methods (magnitude, wanda, sparsegpt,
-    copal) × regimes (sequential, reprune, accumulate, joint) × structures (50 % unstructured, 2:4,
-    4:8), a 60/70 % sparsity sweep for wanda and copal, and the dense model. Writes
-    OUT/benchmark.json, OUT/benchmark.md and PNG plots; each cell is a run in OUT/cells/<cell>, so
-    an interrupted grid resumes where it stopped and finished cells are not recomputed."""
+    """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
+
+    Methods magnitude, wanda, sparsegpt, copal × regimes sequential, reprune, accumulate,
+    joint × structures 50 % unstructured, 2:4, 4:8, plus a 60/70 % sparsity sweep for wanda
+    and copal, and the dense model, on the config's domain sequence. Magnitude uses no data,
+    so it runs once per structure. Each cell is a run in OUT/cells/<cell>: an interrupted
+    grid resumes where it stopped and finished cells are not recomputed."""
     from copal.bench import run_benchmark
 
     _setup_logging(verbose)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A busy 2-core machine can take longer than the 20 s default to start the temporary API.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger  # noqa: E402
 

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3.11-doc dict-wn fortunes manpages)
+# The builtin domains read the first four; the report test renders in chromium.
+DEBIAN_PACKAGES=(python3.11-doc dict-wn fortunes manpages chromium)
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     missing=()
     for package in "${DEBIAN_PACKAGES[@]}"; do
@@ -17,7 +18,7 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 else
-    echo "setup: not root or no apt-get; builtin domains need: ${DEBIAN_PACKAGES[*]}" >&2
+    echo "setup: not root or no apt-get; the builtin domains and the report test need: ${DEBIAN_PACKAGES[*]}" >&2
 fi
 
 PYTHON=${PYTHON:-python3}

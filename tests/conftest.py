@@ -136,3 +136,22 @@ def small_config(model_dir: Path, corpus_dir: Path, **overrides) -> dict:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_services(tmp_path_factory):
+    """Every test's MLflow store and Prefect home live in a temp folder, never the project's."""
+    root = tmp_path_factory.mktemp("services")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["PREFECT_HOME"] = str(root / "prefect")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    yield root
+
+
+@pytest.fixture(scope="session")
+def prefect_api(isolated_services):
+    """One temporary Prefect API for the in-process flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,172 @@
+"""`copal bench`: a tiny grid run in and out of process, resumed, summarised and plotted."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import small_config
+from copal import bench, plots
+from copal.config import METHODS, REGIMES, build_config
+from flows.cli import app
+
+
+def _tiny_config(llama_dir, corpus_dir) -> dict:
+    return small_config(llama_dir, corpus_dir, domains=[f"text:{corpus_dir / n}.txt" for n in ("alpha", "beta")],
+                        calibration={"nsamples": 4}, evaluation={"max_tokens": 512})
+
+
+def _mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, llama_dir, corpus_dir):
+    """The quick grid's cells on two domains: the first in this process, the others in two workers."""
+    root = tmp_path_factory.mktemp("bench")
+    raw = _tiny_config(llama_dir, corpus_dir)
+    base = bench.quick_config(build_config(raw))
+    cells = bench.quick_grid()
+    out, data_dir = root / "out", root / "arrow"
+    assert bench.run_grid(base, cells[:1], out, jobs=1, data_dir=data_dir) == {}
+    first = _mtimes(bench.cell_dir(out, cells[0]))
+    reports = []
+    failures = bench.run_grid(base, cells, out, jobs=2, data_dir=data_dir,
+                              progress=lambda what, done, total: reports.append((what, done, total)))
+    assert failures == {}
+    return {"root": root, "raw": raw, "base": base, "cells": cells, "out": out, "data_dir": data_dir,
+            "first": first, "reports": reports}
+
+
+def _metrics(grid, cell):
+    return json.loads((bench.cell_dir(grid["out"], cell) / "metrics.json").read_text())
+
+
+def test_finished_cells_are_skipped(grid):
+    out, cells = grid["out"], grid["cells"]
+    assert _mtimes(bench.cell_dir(out, cells[0])) == grid["first"]
+    assert grid["reports"][0] == ("cells", 1, 3) and grid["reports"][-1] == ("cells", 3, 3)
+    before = _mtimes(out / "cells")
+    reports = []
+    assert bench.run_grid(grid["base"], cells, out, jobs=2, data_dir=grid["data_dir"],
+                          progress=lambda *report: reports.append(report)) == {}
+    assert _mtimes(out / "cells") == before
+    assert reports == [("cells", 3, 3)]
+
+
+def test_summary_holds_each_cells_recorded_metrics(grid):
+    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    assert summary["missing"] == []
+    assert [c["id"] for c in summary["cells"]] == ["wanda-reprune-u50", "sparsegpt-reprune-u50",
+                                                   "copal-accumulate-u50"]
+    for cell, entry in zip(grid["cells"], summary["cells"]):
+        recorded = _metrics(grid, cell)
+        assert entry["method"] == recorded["method"] == cell.method
+        assert entry["regime"] == recorded["regime"] == cell.regime
+        for key in ("domains", "dense_ppl", "ppl", "bwt", "avg_ppl", "steps"):
+            assert entry[key] == recorded[key], key
+        assert len(entry["ppl"]) == 2 and all(s["peak_rss_mb"] > 0 for s in entry["steps"])
+    dense = _metrics(grid, grid["cells"][0])["dense_ppl"]
+    assert summary["dense"]["avg_ppl"] == pytest.approx(sum(dense) / len(dense))
+    assert summary["setup"]["calibration"]["nsamples"] == 4
+
+
+def test_markdown_tables_show_the_recorded_values(grid):
+    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    text = bench.write_markdown(summary, ["bwt.png"])
+    fmt = plots.format_value
+    for cell in grid["cells"]:
+        recorded = _metrics(grid, cell)
+        assert f"| {cell.method} | {cell.regime} | {fmt(recorded['avg_ppl'])} | {fmt(recorded['bwt'])} |" in text
+    assert f"| dense | – | {fmt(summary['dense']['avg_ppl'])} | – |" in text
+    seconds = {c.method: [s["prune_seconds"] for s in _metrics(grid, c)["steps"]] for c in grid["cells"]}
+    ratio = (sum(seconds["copal"]) / 2) / (sum(seconds["wanda"]) / 2)
+    assert f"copal's pruning time is {ratio:.2f}× wanda's" in text
+    assert "![bwt](bwt.png)" in text and "Not yet run" not in text and "¹" not in text
+
+
+def test_plots_are_written(grid, tmp_path):
+    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    written = bench.write_plots(summary, tmp_path)
+    assert sorted(p.name for p in written) == ["avg_ppl.png", "bwt.png", "ppl_matrix-copal-accumulate-u50.png",
+                                               "ppl_matrix-wanda-reprune-u50.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 5000 for p in written)
+
+
+def test_cli_quick_resumes_the_grid_and_writes_the_outputs(grid, tmp_path, data_dir):
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(grid["raw"]))
+    before = _mtimes(grid["out"] / "cells")
+    result = CliRunner().invoke(app, ["bench", "--quick", "--config", str(config), "--out", str(grid["out"]),
+                                      "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert _mtimes(grid["out"] / "cells") == before  # every cell was already finished
+    assert "copal-accumulate-u50" in result.stdout and "dense" in result.stdout
+    summary = json.loads((grid["out"] / "benchmark.json").read_text())
+    assert summary["quick"] is True and len(summary["cells"]) == 3
+    assert (grid["out"] / "benchmark.md").read_text().startswith("# Continual pruning benchmark")
+    assert (grid["out"] / "bwt.png").is_file()
+    bad = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(tmp_path / "x"), "--jobs", "0"])
+    assert bad.exit_code == 2 and "--jobs 0" in bad.stderr
+
+
+def test_grid_definition():
+    cells = bench.full_grid()
+    ids = [cell.id for cell in cells]
+    assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * 2 * 3
+    assert {c.regime for c in cells if c.method == "magnitude"} == {"reprune"}
+    for method in METHODS[1:]:
+        for regime in REGIMES:
+            assert {c.structure for c in cells if (c.method, c.regime, c.sparsity) == (method, regime, 0.5)} \
+                == set(bench.STRUCTURES)
+    assert {(c.method, c.sparsity) for c in cells if c.sparsity > 0.5} == {
+        (m, s) for m in ("wanda", "copal") for s in (0.6, 0.7)}
+    assert {c.id for c in bench.quick_grid()} <= set(ids)
+
+
+def test_cell_configs_validate_and_quick_only_shrinks(llama_dir, corpus_dir):
+    raw = small_config(llama_dir, corpus_dir, calibration={"nsamples": 64}, evaluation={"max_tokens": 65536})
+    raw["domains"] = raw["domains"] * 2  # six domains
+    base = build_config(raw)
+    for cell in bench.full_grid():
+        config = bench.cell_config(base, cell)
+        assert (config.method, config.regime, config.structure, config.sparsity) == \
+            (cell.method, cell.regime, cell.structure, cell.sparsity)
+    quick = bench.quick_config(base)
+    assert quick.domains == base.domains[:3]
+    assert quick.calibration.nsamples == 16 and quick.evaluation.max_tokens == 4096
+    assert bench.quick_config(bench.quick_config(quick)) == quick
+
+
+def test_markdown_layout_with_magnitude_sweep_and_missing_cells():
+    def cell(method, regime, structure="unstructured", sparsity=0.5, avg=10.0, bwt=1.0):
+        c = bench.Cell(method, regime, structure, sparsity)
+        step = {"step": 1, "domain": "a", "seconds": 2.0, "prune_seconds": 1.0, "peak_rss_mb": 100.0}
+        return {"id": c.id, "label": c.label, "method": method, "regime": regime, "structure": structure,
+                "sparsity": sparsity, "avg_ppl": avg, "bwt": bwt, "steps": [step]}
+
+    summary = {"setup": {"model": "m", "domains": ["builtin:a", "builtin:b"],
+                         "calibration": {"nsamples": 8, "seqlen": 64, "seed": 0},
+                         "evaluation": {"seqlen": 64, "max_tokens": 512}},
+               "notes": {"magnitude": bench.MAGNITUDE_NOTE},
+               "dense": {"domains": ["a", "b"], "ppl": [5.0, 7.0], "avg_ppl": 6.0},
+               "cells": [cell("magnitude", "reprune", "2:4", avg=99.0, bwt=0.0),
+                         cell("copal", "accumulate", avg=11.0, bwt=-0.5),
+                         cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0)],
+               "missing": ["wanda-reprune-u50"]}
+    text = bench.write_markdown(summary)
+    assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
+    assert "| dense | – | 6.00 | – | 6.00 | – |" in text
+    assert "| magnitude | any¹ |  |  | 99.00 | 0.00 |" in text
+    assert f"¹ {bench.MAGNITUDE_NOTE}." in text
+    assert "| copal | accumulate | 11.00 | -0.50 |  |  |" in text
+    assert "## Sparsity sweep, unstructured" in text
+    assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text
+    assert "Not yet run (1): wanda-reprune-u50." in text
+
+
+def test_default_jobs_fits_memory_and_cores():
+    assert bench.default_jobs(peak_mb=1000, available_mb=10000, cores=16) == 8
+    assert bench.default_jobs(peak_mb=1000, available_mb=10000, cores=2) == 2
+    assert bench.default_jobs(peak_mb=50000, available_mb=10000, cores=8) == 1
