@@ -142,6 +142,10 @@ def read_config_file(path: Path) -> dict:
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
-    path = path or DEMO_CONFIG
-    raw = apply_overrides(read_config_file(path), list(overrides))
-    return build_config(raw, str(path))
+    """A config file (default: the demo config) with `key=value` overrides applied.
+    The demo's relative model path is the project's shipped model wherever you run it."""
+    raw = read_config_file(path or DEMO_CONFIG)
+    if path is None and not Path(raw.get("model", "")).is_absolute():
+        raw["model"] = str(DEMO_CONFIG.parent.parent / raw["model"])
+    raw = apply_overrides(raw, list(overrides))
+    return build_config(raw, str(path or DEMO_CONFIG))

@@ -32,7 +32,8 @@ from copal.data import Domain, calibration_samples, evaluation_windows, ingest
 from copal.errors import InputError
 from copal.masks import Structure
 from copal.methods import METHODS
-from copal.model import DenseWeights, all_prunable, load_model, load_tokenizer, resolve_device, set_weight_matrix
+from copal.model import (DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer, resolve_device,
+                         set_weight_matrix)
 from copal.regimes import StepPolicy
 from copal.state import StepState, StepWriter, read_json, write_json
 
@@ -179,6 +180,7 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
     if run_dir.head():
         run_dir.step(run_dir.head()).verify()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    check_architecture(config.model, config.trust_remote_code)
     cal, ev = config.calibration, config.evaluation
     for spec in list(config.domains) + list(new_specs):
         domain = ingest(spec, data_dir)

@@ -193,14 +193,23 @@ def read_documents(source: Source) -> Iterator[tuple[str, str]]:
             yield doc_id, text
 
 
+# Bumped whenever ingestion's output changes for the same input, so caches expire.
+_INGEST_VERSION = "2"
+
+
 def source_signature(source: Source) -> str:
     """A cheap stamp of the raw input; a cached Arrow file is reused while it matches."""
+    raw = _raw_signature(source)
+    return f"{_INGEST_VERSION}:{raw}" if raw else ""
+
+
+def _raw_signature(source: Source) -> str:
     if source.kind == "builtin":
         from copal import corpora
 
         return corpora.builtin_signature(source.location)
     if source.kind == "hf":
-        return ""  # always re-read: the datasets cache makes that cheap
+        return ""  # no cheap stamp: always re-read; the datasets cache makes that cheap
     path = Path(source.location)
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     stamp = hashlib.sha256()
@@ -277,11 +286,17 @@ def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
 
     fractions = splits.BUILTIN_FRACTIONS if source.kind == "builtin" else splits.USER_FRACTIONS
     rows = []
-    seen = set()
+    seen_ids, seen_texts = set(), set()
     for doc_id, text in read_documents(source):
-        if doc_id in seen:
+        if doc_id in seen_ids:
             raise InputError(f"{source.spec}: duplicate document id {doc_id!r}")
-        seen.add(doc_id)
+        seen_ids.add(doc_id)
+        # A text seen before (the same fortune in two files, say) is dropped, so
+        # no text can sit in both the calibration and the evaluation part.
+        digest = hashlib.sha256(text.encode()).digest()
+        if digest in seen_texts:
+            continue
+        seen_texts.add(digest)
         rows.append((splits.doc_hash(doc_id), doc_id, splits.split_of(doc_id, fractions), text))
     if not rows:
         raise InputError(f"{source.spec}: empty domain (no non-empty documents)")

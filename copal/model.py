@@ -60,6 +60,21 @@ def load_tokenizer(location: str, trust_remote_code: bool = False):
         raise InputError(f"{location}: cannot load tokenizer ({first_line})") from None
 
 
+def check_architecture(location: str, trust_remote_code: bool = False) -> None:
+    """The model's architecture has decoder blocks to prune: checked on an empty
+    (meta-device) instance built from the config, without reading any weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{location}: not a causal LM this library can load ({first_line})") from None
+    find_blocks(skeleton)
+
+
 def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = False):
     """(model, tokenizer) from a local HF directory or a hub id, in eval mode on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -32,3 +32,27 @@ def history_rows(root: Path) -> list[dict]:
             "dvc_revision": snapshots.get(str(step_id)),
         })
     return rows
+
+
+def write_dvc_metrics(root: Path, out: Path) -> None:
+    """Files for `dvc metrics` and `dvc plots`: metrics.json (final BWT, average
+    PPL and PPL per domain) and history.csv (one row per step of HEAD's lineage)."""
+    import csv
+    import io
+    import json
+
+    from copal.atomic import write_atomic
+
+    directory = RunDir(root).require()
+    config, _ = directory.read_config()
+    summary = summarize(directory, config)
+    final = dict(zip(summary["domains"], summary["ppl"][-1])) if summary["ppl"] else {}
+    write_atomic(out / "metrics.json", json.dumps({"bwt": summary["bwt"], "avg_ppl": summary["avg_ppl"],
+                                                   "ppl": final}, indent=1) + "\n")
+    rows = [row for row in history_rows(root) if row["in_head_lineage"]]
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["step", "domain", "ppl_own", "avg_ppl", "bwt"])
+    for row in rows:
+        writer.writerow([row["step"], row["domain"], row["ppl_own"], row["avg_ppl"], row["bwt"]])
+    write_atomic(out / "history.csv", table.getvalue())

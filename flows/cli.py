@@ -207,6 +207,8 @@ def rollback(
 def history(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+    write: Annotated[Optional[Path], typer.Option(help="Also write metrics.json and history.csv for "
+                                                       "`dvc metrics` / `dvc plots` into this folder.")] = None,
 ):
     """The audit table: every recorded step with its domain, data fingerprint, method,
     sparsity, PPLs, BWT, MLflow run id and DVC revision (* marks HEAD's lineage)."""
@@ -214,6 +216,10 @@ def history(
 
     _setup_logging(False)
     rows = history_rows(run)
+    if write is not None:
+        from flows.audit import write_dvc_metrics
+
+        write_dvc_metrics(run, write)
     if as_json:
         print(json.dumps(rows, indent=1))
         return

@@ -52,7 +52,7 @@ def finished_run(tmp_path_factory, llama_dir, corpus_dir):
     assert result.exit_code == 0, result.output
     assert "BWT" in result.stdout and "beta" in result.stdout
     yield root, config_path, config
-    os.environ.pop("COPAL_DATA_DIR")
+    os.environ.pop("COPAL_DATA_DIR", None)
 
 
 def test_export_then_eval_reproduces_recorded_ppl(finished_run, corpus_dir):

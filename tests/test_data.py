@@ -110,3 +110,18 @@ def test_token_blocks(tmp_path, data_dir, tokenizer_dir):
     assert windows.reshape(-1).tolist() == joined[: windows.numel()]
     with pytest.raises(InputError, match="need more than seqlen"):
         calibration_samples(domain, tokenizer, 1, 10**6, seed=0)
+
+
+@pytest.mark.parametrize("name", ["docs", "lexicon", "code", "fortunes", "manuals"])
+def test_builtin_parts_are_disjoint_on_ids_and_text(name):
+    domain = ingest(f"builtin:{name}")  # the project's DVC-tracked Arrow cache
+    table = pa.ipc.open_file(pa.memory_map(str(domain.path))).read_all()
+    ids, texts = {}, {}
+    for doc_id, part, text in zip(*(table.column(c).to_pylist() for c in ("doc_id", "part", "text"))):
+        ids.setdefault(part, set()).add(doc_id)
+        texts.setdefault(part, set()).add(text)
+    assert ids.keys() == {"train", "calibration", "evaluation"}
+    for a, b in (("train", "calibration"), ("train", "evaluation"), ("calibration", "evaluation")):
+        assert not ids[a] & ids[b], (a, b)
+        assert not texts[a] & texts[b], (a, b)
+    assert sum(len(v) for v in ids.values()) == table.num_rows == sum(domain.counts.values())

@@ -68,7 +68,7 @@ def tracked_run(tmp_path_factory, llama_dir, corpus_dir, prefect_api):
     result = invoke("step", f"text:{corpus_dir / 'gamma'}.txt", "--run", tmp / "run")
     assert result.exit_code == 0, result.output
     yield tmp
-    os.environ.pop("COPAL_DATA_DIR")
+    os.environ.pop("COPAL_DATA_DIR", None)
 
 
 def test_each_step_is_recorded_in_mlflow(tracked_run):
@@ -243,11 +243,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, llama_dir, co
 
     from copal.continual import ContinualRun
 
-    os.environ["COPAL_DATA_DIR"] = env["COPAL_DATA_DIR"]
-    try:
-        straight = ContinualRun(build_config(config), tmp_path / "straight").run()
-    finally:
-        os.environ.pop("COPAL_DATA_DIR")
+    straight = ContinualRun(build_config(config), tmp_path / "straight", data_dir=tmp_path / "arrow").run()
     resumed_metrics = json.loads((run / "metrics.json").read_text())
     assert _without_timings(resumed_metrics) == _without_timings(straight)
 
@@ -265,7 +261,7 @@ def test_two_concurrent_runs_share_one_store(tmp_path, llama_dir, corpus_dir, is
     for job in jobs:
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     for name in ("left", "right"):
         tracking = json.loads((tmp_path / name / "tracking.json").read_text())
         children = client.search_runs([tracking["experiment_id"]],
