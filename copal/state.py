@@ -21,15 +21,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from copal import masks as maskio
+from copal.atomic import write_atomic
 from copal.errors import InputError
 from copal.model import DenseWeights
 
 
 def write_json(path: Path, payload) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_json(path: Path, what: str):

@@ -155,3 +155,32 @@ def prefect_api(isolated_services):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def without_timings(metrics: dict) -> dict:
+    """metrics.json minus the fields that differ between identical runs."""
+    metrics = json.loads(json.dumps(metrics))
+    for step in metrics["steps"]:
+        for key in ("seconds", "prune_seconds", "peak_rss_mb"):
+            step.pop(key)
+    return metrics
+
+
+def tree_digest(root: Path) -> str:
+    """One hash over every file (path and bytes) under `root`."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def assert_one_line_error(result, *needles) -> None:
+    """Exit code 2, exactly one `copal: error:` line on stderr naming the needles, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("copal: error:"), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -1,6 +1,5 @@
 """The command line: run, eval, export, and bad input → exit 2 with one line."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import build_model_dir, small_config
+from conftest import assert_one_line_error, build_model_dir, small_config, tree_digest
 from flows.cli import app
 
 runner = CliRunner()
@@ -22,22 +21,6 @@ def invoke(*args):
 def _write_config(path, config):
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _tree_digest(root):
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + file.read_bytes())
-    return digest.hexdigest()
-
-
-def _assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("copal: error:"), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +57,10 @@ def test_export_then_eval_reproduces_recorded_ppl(finished_run, corpus_dir):
 
 def test_rerunning_a_finished_run_recomputes_nothing(finished_run):
     root, config_path, _ = finished_run
-    before = _tree_digest(root / "run/steps")
+    before = tree_digest(root / "run/steps")
     result = invoke("run", config_path, "--out", root / "run")
     assert result.exit_code == 0
-    assert _tree_digest(root / "run/steps") == before
+    assert tree_digest(root / "run/steps") == before
 
 
 BAD_CONFIGS = [
@@ -96,7 +79,7 @@ BAD_CONFIGS = [
 def test_bad_config_is_exit_2(tmp_path, llama_dir, corpus_dir, override, needle):
     config = small_config(llama_dir, corpus_dir, **override)
     result = invoke("run", _write_config(tmp_path / "c.yaml", config), "--out", tmp_path / "run")
-    _assert_one_line_error(result, needle)
+    assert_one_line_error(result, needle)
     assert not (tmp_path / "run").exists()
 
 
@@ -116,7 +99,7 @@ def test_bad_inputs_are_exit_2(tmp_path, llama_dir, corpus_dir, tokenizer_dir, d
             config = small_config(llama_dir, corpus_dir, domains=[f"{'jsonl' if 'jsonl' in needles[0] else 'text'}:"
                                                                   f"{needles[0]}"])
             args = ["run", _write_config(tmp_path / "c.yaml", config), "--out", tmp_path / "r"]
-        _assert_one_line_error(invoke(*args), *needles)
+        assert_one_line_error(invoke(*args), *needles)
 
     no_weights = build_model_dir(tmp_path / "noweights", "llama", tokenizer_dir)
     (no_weights / "model.safetensors").unlink()
@@ -124,7 +107,7 @@ def test_bad_inputs_are_exit_2(tmp_path, llama_dir, corpus_dir, tokenizer_dir, d
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     for model in (no_weights, corrupt, tmp_path / "nowhere"):
         result = invoke("eval", "--model", model, "--data", f"text:{corpus_dir / 'alpha'}.txt")
-        _assert_one_line_error(result, str(model))
+        assert_one_line_error(result, str(model))
 
 
 def test_model_without_decoder_blocks_is_exit_2(tmp_path, tokenizer_dir, corpus_dir, data_dir):
@@ -138,20 +121,20 @@ def test_model_without_decoder_blocks_is_exit_2(tmp_path, tokenizer_dir, corpus_
         shutil.copy(file, folder / file.name)
     config = small_config(folder, corpus_dir)
     result = invoke("run", _write_config(tmp_path / "c.yaml", config), "--out", tmp_path / "run")
-    _assert_one_line_error(result, "no decoder blocks")
+    assert_one_line_error(result, "no decoder blocks")
 
 
 def test_run_directory_of_another_config_is_left_untouched(finished_run):
     root, _, config = finished_run
-    before = _tree_digest(root / "run")
+    before = tree_digest(root / "run")
     other = _write_config(root / "other.yaml", {**config, "method": "wanda"})
-    _assert_one_line_error(invoke("run", other, "--out", root / "run"), "another config", "method")
-    assert _tree_digest(root / "run") == before
+    assert_one_line_error(invoke("run", other, "--out", root / "run"), "another config", "method")
+    assert tree_digest(root / "run") == before
     for args, needle in [(["--step", 9, "--out", root / "x"], "no step 9"),
                          (["--step", 1, "--out", root / "run"], "not empty")]:
-        _assert_one_line_error(invoke("export", "--run", root / "run", *args), needle)
-    assert _tree_digest(root / "run") == before
-    _assert_one_line_error(invoke("export", "--run", root / "nope", "--step", 1, "--out", root / "y"),
+        assert_one_line_error(invoke("export", "--run", root / "run", *args), needle)
+    assert tree_digest(root / "run") == before
+    assert_one_line_error(invoke("export", "--run", root / "nope", "--step", 1, "--out", root / "y"),
                            "run directory not found")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_model_dir, small_config
+from conftest import small_config, without_timings
 from copal.config import build_config
 from copal.continual import ContinualRun, RunDir
 from copal.export import load_step_model
@@ -99,19 +99,11 @@ def test_first_block_statistic_is_independent_of_domain_order(tmp_path, data_dir
         assert torch.allclose(ab[name], ba[name], rtol=1e-5, atol=0), name
 
 
-def _without_timings(metrics):
-    metrics = json.loads(json.dumps(metrics))
-    for step in metrics["steps"]:
-        for key in ("seconds", "prune_seconds", "peak_rss_mb"):
-            step.pop(key)
-    return metrics
-
-
 @pytest.mark.parametrize("method", ["copal", "sparsegpt"])
 def test_same_config_gives_bit_identical_masks_and_metrics(tmp_path, data_dir, llama_dir, corpus_dir, method):
     first = _run(tmp_path / "a", llama_dir, corpus_dir, method=method)
     second = _run(tmp_path / "b", llama_dir, corpus_dir, method=method)
-    assert _without_timings(first) == _without_timings(second)
+    assert without_timings(first) == without_timings(second)
     for step in (1, 2, 3):
         masks_a = (tmp_path / f"a/steps/{step}/masks.safetensors").read_bytes()
         assert masks_a == (tmp_path / f"b/steps/{step}/masks.safetensors").read_bytes()
@@ -137,7 +129,7 @@ def test_interrupted_run_resumes_at_first_unrecorded_step(tmp_path, data_dir, ll
     assert [s["step"] for s in resumed["steps"]] == [1, 2, 3]
     assert not (tmp_path / "run/steps/.2.partial").exists()
     fresh = _run(tmp_path / "fresh", llama_dir, corpus_dir)
-    assert _without_timings(resumed) == _without_timings(fresh)
+    assert without_timings(resumed) == without_timings(fresh)
 
 
 def test_metrics_json_contract(tmp_path, data_dir, llama_dir, corpus_dir):

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import small_config
+from conftest import assert_one_line_error, small_config, tree_digest, without_timings
 from copal.config import build_config
 from copal.continual import RunDir
 from copal.export import load_step_model
@@ -35,26 +34,9 @@ def _config(tmp_path, llama_dir, corpus_dir, name="pipe", domains=("alpha", "bet
     return path, config
 
 
-def _without_timings(metrics):
-    metrics = json.loads(json.dumps(metrics))
-    for step in metrics["steps"]:
-        for key in ("seconds", "prune_seconds", "peak_rss_mb"):
-            step.pop(key)
-    return metrics
-
-
 def _masks(root, step):
     state = RunDir(root).step(step)
     return {name: state.mask(name) for name in state.mask_names()}
-
-
-def _digest(root):
-    import hashlib
-
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(str(file).encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +95,10 @@ def test_history_replay_rollback_and_continue(tracked_run, llama_dir, corpus_dir
     assert [(r["step"], r["domain"], r["head"]) for r in rows] == [(1, "alpha", False), (2, "beta", False),
                                                                     (3, "gamma", True)]
     assert all(r["mlflow_run_id"] for r in rows) and rows[2]["bwt"] is not None
-    before = _digest(run)
+    before = tree_digest(run)
     result = invoke("replay", "--run", run, "--step", 2)
     assert result.exit_code == 0 and "bit for bit" in result.stdout
-    assert _digest(run) == before  # replay changes nothing
+    assert tree_digest(run) == before  # replay changes nothing
 
     assert invoke("rollback", "--run", run, "--step", 1).exit_code == 0
     assert RunDir(run).head() == 1 and (run / "steps/3").is_dir()
@@ -170,15 +152,9 @@ def test_dvc_snapshots_each_step(tmp_path, llama_dir, corpus_dir, prefect_api, d
     assert json.loads(status.stdout) == {}
 
 
-def _one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("copal: error:") and needle in lines[0], result.stderr
-
-
 def test_bad_input_to_pipeline_commands(tracked_run, tmp_path):
     run = tracked_run / "run"
-    before = _digest(run)
+    before = tree_digest(run)
     missing = tmp_path / "nope"
     for args, needle in [
         (["replay", "--run", missing, "--step", 1], "run directory not found"),
@@ -190,8 +166,8 @@ def test_bad_input_to_pipeline_commands(tracked_run, tmp_path):
         (["rollback", "--run", run, "--step", 42], "no step 42"),
         (["step", f"text:{tmp_path / 'missing.txt'}", "--run", run], "not found"),
     ]:
-        _one_line_error(invoke(*args), needle)
-    assert _digest(run) == before
+        assert_one_line_error(invoke(*args), needle)
+    assert tree_digest(run) == before
 
 
 def test_corrupted_snapshot_is_exit_2_and_changes_nothing(tracked_run, tmp_path, corpus_dir):
@@ -205,14 +181,14 @@ def test_corrupted_snapshot_is_exit_2_and_changes_nothing(tracked_run, tmp_path,
     sensitivity.write_bytes(sensitivity.read_bytes()[:100])
     masks = copy / "steps/1/masks.safetensors"
     masks.write_bytes(b"garbage")
-    before = _digest(copy)
-    _one_line_error(invoke("replay", "--run", copy, "--step", 1), "steps/1/masks.safetensors")
-    _one_line_error(invoke("replay", "--run", copy, "--step", 3), "steps/2/sensitivity/block-0000.safetensors")
+    before = tree_digest(copy)
+    assert_one_line_error(invoke("replay", "--run", copy, "--step", 1), "steps/1/masks.safetensors")
+    assert_one_line_error(invoke("replay", "--run", copy, "--step", 3), "steps/2/sensitivity/block-0000.safetensors")
     head = copy / "steps/3/sensitivity/block-0001.safetensors"
     head.write_bytes(head.read_bytes()[:-10])
-    before = _digest(copy)
-    _one_line_error(invoke("step", f"text:{corpus_dir / 'delta'}.txt", "--run", copy), "steps/3/sensitivity")
-    assert _digest(copy) == before
+    before = tree_digest(copy)
+    assert_one_line_error(invoke("step", f"text:{corpus_dir / 'delta'}.txt", "--run", copy), "steps/3/sensitivity")
+    assert tree_digest(copy) == before
 
 
 def _cli(args, env, **kwargs):
@@ -245,7 +221,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, llama_dir, co
 
     straight = ContinualRun(build_config(config), tmp_path / "straight", data_dir=tmp_path / "arrow").run()
     resumed_metrics = json.loads((run / "metrics.json").read_text())
-    assert _without_timings(resumed_metrics) == _without_timings(straight)
+    assert without_timings(resumed_metrics) == without_timings(straight)
 
 
 def test_two_concurrent_runs_share_one_store(tmp_path, llama_dir, corpus_dir, isolated_services):
