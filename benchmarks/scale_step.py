@@ -55,11 +55,14 @@ def main(argv=None) -> dict:
                   "method": "copal", "regime": "accumulate",
                   "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
                   "evaluation": {"seqlen": args.seqlen, "max_tokens": args.eval_tokens}, "device": "cpu"}
-        step, process_peak_mb = run_step(folder, config)
+        report, process_peak_mb = run_step(folder, config)
+    step = report["record"]
     disk_mb = disk_bytes / 2**20
     result = {"shape": shape, "parameter_mb": round(parameter_bytes / 2**20, 1), "shards": len(shards),
               "disk_mb": round(disk_mb, 1), "calibration_tokens": args.nsamples * args.seqlen,
               "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
+              "rss_after_imports_mb": round(report["after_imports_mb"], 1),
+              "rss_after_load_mb": round(report["after_load_mb"], 1),
               "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
               "step_peak_over_disk": round(step["peak_rss_mb"] / disk_mb, 3),
               "process_peak_over_disk": round(process_peak_mb / disk_mb, 3)}

@@ -143,7 +143,9 @@ def _run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int
     import torch
 
     from copal.continual import ContinualRun
+    from copal.metrics import limit_allocator_fragmentation
 
+    limit_allocator_fragmentation()
     if threads:
         torch.set_num_threads(threads)
     ContinualRun(config, root, progress=progress, data_dir=data_dir).run()

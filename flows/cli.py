@@ -372,6 +372,9 @@ def bench(
 
 
 def main() -> None:
+    from copal.metrics import limit_allocator_fragmentation
+
+    limit_allocator_fragmentation()
     app(prog_name="copal")
 
 

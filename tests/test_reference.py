@@ -1,0 +1,56 @@
+"""The shipped reference model: loads, evaluates, and is the model the README describes."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from copal.config import load_config
+from copal.data import evaluation_windows, ingest
+from copal.metrics import perplexity
+from copal.model import all_prunable, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "data/models/reference"
+DOMAINS = ["docs", "lexicon", "code", "fortunes", "manuals"]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return json.loads((REFERENCE / "quality.json").read_text())
+
+
+def test_reference_model_is_small_and_loadable():
+    assert sum(f.stat().st_size for f in REFERENCE.iterdir()) <= 30 * 2**20
+    model, tokenizer = load_model(str(REFERENCE))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 8000 <= len(tokenizer) <= 8300
+    for name, module in all_prunable(model).items():  # every N:M group is whole
+        assert module.weight.shape[1] % 8 == 0, name
+
+
+def test_reference_model_beats_unigram_clearly_everywhere(quality):
+    assert sorted(quality) == sorted(DOMAINS)
+    for name in DOMAINS:
+        assert quality[name]["ppl"] < 0.5 * quality[name]["unigram_ppl"], name
+
+
+def test_recomputed_ppl_matches_quality_file_and_readme(quality):
+    model, tokenizer = load_model(str(REFERENCE))
+    windows = evaluation_windows(ingest("builtin:manuals"), tokenizer, 256, 65536)
+    ppl, tokens = perplexity(model, windows, torch.device("cpu"))
+    assert tokens == quality["manuals"]["tokens"]
+    assert abs(ppl - quality["manuals"]["ppl"]) / quality["manuals"]["ppl"] < 0.01
+    row = re.search(r"^\| manuals \| ([\d.]+) \| ([\d.]+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert row, "README has no quality row for manuals"
+    assert abs(float(row.group(1)) - ppl) / ppl < 0.01
+
+
+def test_demo_config_uses_the_reference_model_and_the_five_domains():
+    config = load_config(None)
+    assert Path(config.model) == REFERENCE
+    assert config.domains == [f"builtin:{name}" for name in DOMAINS]
+    assert (config.method, config.regime, config.structure, config.sparsity) == ("copal", "accumulate",
+                                                                                 "unstructured", 0.5)
