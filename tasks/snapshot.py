@@ -42,9 +42,10 @@ def snapshot_step(step_dir: Path) -> str | None:
     root = dvc_root(step_dir)
     if root is None:
         return None
-    result = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(step_dir.resolve())],
+    result = subprocess.run([sys.executable, "-m", "dvc", "add", str(step_dir.resolve())],
                             cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"dvc add {step_dir} failed: {result.stderr.strip() or result.stdout.strip()}")
+        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        raise RuntimeError(f"dvc add {step_dir} failed: {lines[0]}")
     pointer = yaml.safe_load(step_dir.with_name(step_dir.name + ".dvc").read_text())
     return pointer["outs"][0]["md5"]

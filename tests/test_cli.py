@@ -24,7 +24,7 @@ def _write_config(path, config):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, llama_dir, corpus_dir):
+def finished_run(tmp_path_factory, llama_dir, corpus_dir, prefect_api):
     root = tmp_path_factory.mktemp("cli")
     import os
 
