@@ -121,8 +121,9 @@ def run(
     tracking_uri: TrackingUri = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
-    """A continual run over the config's domain sequence, as a Prefect flow recorded in
-    MLflow and DVC. Rerunning resumes at the first unrecorded step."""
+    """A continual run over the config's domains (Prefect flow, MLflow, DVC).
+
+    Rerunning the same command resumes at the first unrecorded step."""
     from copal.config import load_config
 
     from copal.continual import preflight
@@ -145,8 +146,9 @@ def step(
     run: Annotated[Path, typer.Option(help="Run directory of an existing run.")],
     tracking_uri: TrackingUri = None,
 ):
-    """One more continual step on a new domain, continuing from the run's HEAD (what a
-    scheduled job calls)."""
+    """One more continual step on a new domain, continuing from HEAD.
+
+    This is what a scheduled job calls."""
     from copal.continual import RunDir, summarize
 
     from copal.continual import preflight
@@ -166,8 +168,9 @@ def replay(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     step: Annotated[int, typer.Option(help="Step id to recompute.")],
 ):
-    """Recompute a step from its parent and its recorded data; exit 0 only if the masks
-    are bit-identical to the recorded ones (1 if they differ). Changes nothing on disk."""
+    """Recompute a step and check its masks are bit-identical to the record.
+
+    Exit 0 if they are, 1 if they differ. Changes nothing on disk."""
     from copal.continual import ContinualRun, RunDir
 
     _setup_logging(False)
@@ -188,8 +191,9 @@ def rollback(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     step: Annotated[int, typer.Option(help="Step id to make HEAD again.")],
 ):
-    """Make an earlier step the head of the run; later steps stay in the history, and the
-    next step continues from this one."""
+    """Make an earlier step the head of the run again.
+
+    Later steps stay in the history; the next step continues from this one."""
     from copal.continual import RunDir, summarize
     from copal.state import write_json
 
@@ -210,8 +214,10 @@ def history(
     write: Annotated[Optional[Path], typer.Option(help="Also write metrics.json and history.csv for "
                                                        "`dvc metrics` / `dvc plots` into this folder.")] = None,
 ):
-    """The audit table: every recorded step with its domain, data fingerprint, method,
-    sparsity, PPLs, BWT, MLflow run id and DVC revision (* marks HEAD's lineage)."""
+    """The audit table of every recorded step.
+
+    Domain, data fingerprint, method, sparsity, PPLs, BWT, MLflow run id and DVC
+    revision; * marks the steps of HEAD's lineage."""
     from flows.audit import history_rows
 
     _setup_logging(False)
@@ -246,9 +252,11 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="Deployment name. Default: the run's name.")] = None,
     tracking_uri: TrackingUri = None,
 ):
-    """Serve a Prefect deployment that runs one `copal step` per cron tick on the next
-    domain of the queue (then the config's pending domains). Needs a Prefect server:
-    `prefect server start`, and PREFECT_API_URL pointing at it."""
+    """Serve a Prefect deployment that adds one step per cron tick.
+
+    Each tick takes the next domain of the queue (then the config's pending
+    domains). Needs a Prefect server: `prefect server start`, and
+    PREFECT_API_URL pointing at it."""
     from copal.continual import RunDir
 
     _setup_logging(False)
