@@ -4,7 +4,7 @@ Builds a randomly initialised LLaMA with TinyLlama-1.1B's shape (hidden 2048,
 MLP 5632, 22 blocks, 32 heads, 4 KV heads, 32k vocabulary), saves it as sharded
 safetensors (500 MB shards, as hub checkpoints come) with a tokenizer trained on
 the fly, and runs one copal/accumulate step with a small calibration set
-(8 × 128 tokens) via `copal run` in a fresh process. Reports the step's seconds
+(8 × 128 tokens) through the library in a fresh process (memory_step.run_step). Reports the step's seconds
 and its peak RSS (and the whole process's) divided by the model's bytes on disk.
 Random weights time and size the step like trained ones; the PPLs mean nothing.
 

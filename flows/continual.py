@@ -65,7 +65,9 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
     tracker.ensure_parent(run.config)
     steps.dense_eval(run)
     _catch_up(run, tracker)
-    return run.run(step=lambda index: _step(run, tracker, index))
+    metrics = run.run(step=lambda index: _step(run, tracker, index))
+    tracker.finish_parent()
+    return metrics
 
 
 @flow(name="copal-step")
@@ -78,7 +80,9 @@ def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_di
     _catch_up(run, tracker)
     index = steps.ingest(run, data)
     steps.dense_eval(run)
-    return _step(run, tracker, index)
+    record = _step(run, tracker, index)
+    tracker.finish_parent()
+    return record
 
 
 def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:

@@ -101,11 +101,15 @@ class Tracker:
             run = client.create_run(experiment_id, run_name=config.name,
                                     tags={"copal.run_dir": str(self.run_dir.root.resolve())})
             client.log_batch(run.info.run_id, params=_params(config.model_dump()))
-            client.set_terminated(run.info.run_id, "RUNNING")
         self.state.update({"tracking_uri": self.uri, "experiment_id": experiment_id,
                            "parent_run_id": run.info.run_id, "model_name": config.name, "steps": {}})
         self._save()
         return run.info.run_id
+
+    def finish_parent(self) -> None:
+        """Mark the parent run finished; a later `copal step` adds children to it again."""
+        with store_lock(self.uri):
+            _client(self.uri).set_terminated(self.state["parent_run_id"], "FINISHED")
 
     def record_step(self, state: StepState, metrics: dict, config, plot_png: bytes | None = None) -> dict:
         """A child run with the step's params, metrics and artifacts, and a new

@@ -59,7 +59,7 @@ def test_each_step_is_recorded_in_mlflow(tracked_run):
     tracking = json.loads((tracked_run / "run/tracking.json").read_text())
     client = MlflowClient()
     parent = client.get_run(tracking["parent_run_id"])
-    assert parent.data.params["method"] == "copal"
+    assert parent.data.params["method"] == "copal" and parent.info.status == "FINISHED"
     children = client.search_runs([tracking["experiment_id"]],
                                   f"tags.mlflow.parentRunId = '{tracking['parent_run_id']}'")
     assert len(children) == 3
