@@ -117,6 +117,7 @@ class StepState:
     def __init__(self, folder: Path):
         self.folder = folder
         self.record = read_json(folder / "step.json", "step record")
+        self._indexes: dict[str, dict[str, str]] = {}
 
     @property
     def id(self) -> int:
@@ -149,11 +150,15 @@ class StepState:
             except (KeyError, SafetensorError, ValueError) as error:
                 raise InputError(f"{path}: no valid mask for {name} ({error})") from None
 
+    def _index(self, kind: str) -> dict[str, str]:
+        """Layer name → block file of `kind`, read once per step (every layer asks)."""
+        if kind not in self._indexes:
+            index_path = self.folder / kind / "index.json"
+            self._indexes[kind] = read_json(index_path, f"{kind} index") if index_path.exists() else {}
+        return self._indexes[kind]
+
     def _blocked(self, kind: str, name: str) -> torch.Tensor | None:
-        index_path = self.folder / kind / "index.json"
-        if not index_path.exists():
-            return None
-        index = read_json(index_path, f"{kind} index")
+        index = self._index(kind)
         if name not in index:
             return None
         path = self.folder / kind / index[name]
