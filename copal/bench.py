@@ -9,6 +9,10 @@ Magnitude pruning uses no calibration data, so its regimes coincide: reprune,
 accumulate and joint all score |W0|, and sequential ranks |W0 ⊙ mask|, whose top
 weights are exactly the mask it already has. It runs once per structure,
 recorded as regime `reprune`.
+
+The cost comparison (seconds and peak RSS per step, per method) comes from cells
+run alone, one at a time with every core, before the rest of the grid runs in
+parallel; every cell also shares the dense model's PPL row, measured once.
 """
 
 import json
@@ -23,7 +27,7 @@ from typing import Callable
 
 from copal import plots
 from copal.atomic import write_atomic
-from copal.config import METHODS, REGIMES, RunConfig, build_config, load_config
+from copal.config import BENCH_CONFIG, METHODS, REGIMES, RunConfig, build_config, load_config
 from copal.errors import InputError
 
 log = logging.getLogger("copal")
@@ -39,6 +43,20 @@ MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks 
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses.
 KEY_CELLS = ("copal-accumulate-u50", "wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
              "sparsegpt-accumulate-u50")
+# COPAL variants of METHOD.md, each one change from the default, compared in the
+# accumulate regime at these sparsities.
+COPAL_VARIANTS = {
+    "loss": {"sensitivity": "loss"},
+    "raw": {"normalize": False},
+    "max": {"reduce": "max"},
+}
+VARIANT_NOTES = {
+    "": "output sensitivity E|y|·|x|, normalised per domain, summed over domains",
+    "loss": "loss-gradient sensitivity Σ|∂L/∂W| instead of the output sensitivity",
+    "raw": "no per-domain normalisation of the statistic before summing",
+    "max": "elementwise max over domains instead of the sum",
+}
+ABLATION_SPARSITIES = (0.5, 0.7)
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16
 QUICK_MAX_TOKENS = 4096
@@ -51,20 +69,22 @@ class Cell:
     regime: str
     structure: str = "unstructured"
     sparsity: float = 0.5
+    variant: str = ""  # a key of COPAL_VARIANTS; "" is the configured default
 
     @property
     def id(self) -> str:
         shape = (f"u{round(self.sparsity * 100)}" if self.structure == "unstructured"
                  else self.structure.replace(":", "of"))
-        return f"{self.method}-{self.regime}-{shape}"
+        return f"{self.method}-{self.regime}-{shape}" + (f"-{self.variant}" if self.variant else "")
 
     @property
     def label(self) -> str:
-        return "magnitude" if self.method == "magnitude" else f"{self.method}/{self.regime}"
+        label = "magnitude" if self.method == "magnitude" else f"{self.method}/{self.regime}"
+        return label + (f" ({self.variant})" if self.variant else "")
 
 
 def full_grid() -> list[Cell]:
-    """Every method × regime × structure at 50 %, then the 60/70 % unstructured sweep."""
+    """Every method × regime × structure at 50 %, the 60/70 % unstructured sweep, the COPAL variants."""
     cells = []
     for structure in STRUCTURES:
         cells.append(Cell("magnitude", "reprune", structure))
@@ -72,12 +92,28 @@ def full_grid() -> list[Cell]:
                   for regime in REGIMES]
     cells += [Cell(method, regime, "unstructured", sparsity) for sparsity in SWEEP_SPARSITIES
               for method in SWEEP_METHODS for regime in SWEEP_REGIMES]
+    cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in ABLATION_SPARSITIES
+              for variant in COPAL_VARIANTS]
     return cells
 
 
 def quick_grid() -> list[Cell]:
     """A smoke test of the benchmark: one continual baseline per data-driven method, and COPAL."""
     return [Cell("wanda", "reprune"), Cell("sparsegpt", "reprune"), Cell("copal", "accumulate")]
+
+
+def cost_cells(cells: list[Cell]) -> list[Cell]:
+    """Per method, its default 50 % unstructured cell in the accumulate regime, else
+    reprune (magnitude has only reprune; the quick grid has wanda and sparsegpt only
+    in reprune): the cells whose timings compare the methods."""
+    present = set(cells)
+    chosen = []
+    for method in METHODS:
+        for regime in ("accumulate", "reprune"):
+            if Cell(method, regime) in present:
+                chosen.append(Cell(method, regime))
+                break
+    return chosen
 
 
 def quick_config(base: RunConfig) -> RunConfig:
@@ -93,6 +129,8 @@ def quick_config(base: RunConfig) -> RunConfig:
 def cell_config(base: RunConfig, cell: Cell) -> RunConfig:
     raw = base.model_dump() | {"name": cell.id, "method": cell.method, "regime": cell.regime,
                                "structure": cell.structure, "sparsity": cell.sparsity}
+    if cell.variant:
+        raw["copal"] = raw["copal"] | COPAL_VARIANTS[cell.variant]
     return build_config(raw, f"benchmark cell {cell.id}")
 
 
@@ -137,8 +175,29 @@ def default_jobs(peak_mb: float, available_mb: float, cores: int) -> int:
     return max(1, min(cores, int(MEMORY_HEADROOM * available_mb // max(peak_mb, 1.0))))
 
 
+def shared_dense(out_dir: Path, cells: list[Cell], base: RunConfig, fingerprints: dict[str, str]) -> dict | None:
+    """The dense PPL row a cell of this grid has already measured, if one was
+    measured with this model, dtype, evaluation setting and data."""
+    from copal.continual import RunDir
+    from copal.state import read_json
+
+    for cell in cells:
+        run = RunDir(cell_dir(out_dir, cell))
+        if not (run.exists() and run.dense_path.exists()):
+            continue
+        try:
+            config, recorded = run.read_config()
+            dense = read_json(run.dense_path, "dense PPLs")
+        except InputError:
+            continue
+        same_setup = (config.model, config.dtype, config.evaluation) == (base.model, base.dtype, base.evaluation)
+        if same_setup and all(recorded.get(name) == fp for name, fp in fingerprints.items()):
+            return dense
+    return None
+
+
 def _run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int | None,
-              progress: Progress | None = None) -> None:
+              progress: Progress | None = None, known_dense: dict | None = None) -> None:
     """One cell, to the end of its domain sequence (resuming what is recorded)."""
     import torch
 
@@ -148,21 +207,25 @@ def _run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int
     limit_allocator_fragmentation()
     if threads:
         torch.set_num_threads(threads)
-    ContinualRun(config, root, progress=progress, data_dir=data_dir).run()
+    ContinualRun(config, root, progress=progress, data_dir=data_dir, known_dense=known_dense).run()
 
 
 def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None = None,
-             data_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Exception]:
+             data_dir: Path | None = None, progress: Progress | None = None,
+             alone: list[Cell] = ()) -> dict[str, Exception]:
     """Run every unfinished cell; returns {cell id: error} for the cells that failed.
 
-    jobs=None sizes the pool from the per-cell peak RSS already recorded under
-    `out_dir`, or, when nothing is recorded yet, from running the first cell
-    alone. jobs=1 runs the cells in this process."""
+    The `alone` cells run first, one at a time in this process, so that their
+    timings are not shared with other cells. jobs=None then sizes the pool from
+    the per-cell peak RSS recorded under `out_dir` (running one more cell alone
+    first when nothing is recorded yet). jobs=1 runs every cell in this process."""
     from copal.data import ingest
 
     progress = progress or (lambda what, done, total: None)
+    fingerprints = {}
     for spec in base.domains:  # bad data fails here, once; parallel cells then find the Arrow cache warm
-        ingest(spec, data_dir)
+        domain = ingest(spec, data_dir)
+        fingerprints[domain.name] = domain.fingerprint
     configs = {cell.id: cell_config(base, cell) for cell in cells}
     pending = [cell for cell in cells if not is_finished(out_dir, cell, len(base.domains))]
     done = len(cells) - len(pending)
@@ -184,16 +247,21 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
 
     def run_here(cell: Cell) -> None:
         try:
-            _run_cell(configs[cell.id], cell_dir(out_dir, cell), data_dir, None, progress)
+            _run_cell(configs[cell.id], cell_dir(out_dir, cell), data_dir, None, progress,
+                      shared_dense(out_dir, cells, base, fingerprints))
         except Exception as error:  # one broken cell must not cost the others
             finished(cell, error)
         else:
             finished(cell, None)
 
+    first = [cell for cell in pending if cell in set(alone)]
+    if jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
+        first = pending[:1]
+    for cell in first:
+        run_here(cell)
+    pending = [cell for cell in pending if cell not in first]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if jobs is None and pending:
-        if measured_peak_mb(out_dir, cells) is None:
-            run_here(pending.pop(0))
         peak = measured_peak_mb(out_dir, cells)
         jobs = default_jobs(peak, available_memory_mb(), cores) if peak else 1
         log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
@@ -203,9 +271,10 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
         return failures
     workers = min(jobs, len(pending))
     threads = max(1, cores // workers)
+    dense = shared_dense(out_dir, cells, base, fingerprints)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_cell, configs[cell.id], cell_dir(out_dir, cell), data_dir, threads): cell
-                   for cell in pending}
+        futures = {pool.submit(_run_cell, configs[cell.id], cell_dir(out_dir, cell), data_dir, threads,
+                               None, dense): cell for cell in pending}
         for future in as_completed(futures):
             finished(futures[future], future.exception())
     return failures
@@ -231,7 +300,8 @@ def summarize_grid(base: RunConfig, cells: list[Cell], out_dir: Path) -> dict:
         options = {"copal": config.copal.model_dump(), "sparsegpt": config.sparsegpt.model_dump()}
         results.append({
             "id": cell.id, "label": cell.label, "method": cell.method, "regime": cell.regime,
-            "structure": cell.structure, "sparsity": cell.sparsity, "options": options.get(cell.method, {}),
+            "structure": cell.structure, "sparsity": cell.sparsity, "variant": cell.variant,
+            "options": options.get(cell.method, {}),
             "domains": metrics["domains"], "dense_ppl": metrics["dense_ppl"], "ppl": metrics["ppl"],
             "bwt": metrics["bwt"], "avg_ppl": metrics["avg_ppl"], "steps": metrics["steps"],
         })
@@ -242,7 +312,8 @@ def summarize_grid(base: RunConfig, cells: list[Cell], out_dir: Path) -> dict:
     return {
         "setup": {"model": base.model, "domains": base.domains, "calibration": base.calibration.model_dump(),
                   "evaluation": base.evaluation.model_dump(), "dtype": base.dtype},
-        "notes": {"magnitude": MAGNITUDE_NOTE},
+        "notes": {"magnitude": MAGNITUDE_NOTE, "variants": VARIANT_NOTES},
+        "cost_cells": [cell.id for cell in cost_cells(cells)],
         "dense": dense, "cells": results, "missing": missing,
     }
 
@@ -263,7 +334,7 @@ def _structure_label(structure: str, sparsity: float) -> str:
 
 def _metric_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
     """Rows method/regime; per (structure, sparsity) column pair: average PPL and BWT."""
-    wanted = [c for c in summary["cells"] if (c["structure"], c["sparsity"]) in columns]
+    wanted = [c for c in summary["cells"] if (c["structure"], c["sparsity"]) in columns and not c["variant"]]
     lookup = {(c["method"], c["regime"], c["structure"], c["sparsity"]): c for c in wanted}
     head = ["method", "regime"]
     for structure, sparsity in columns:
@@ -282,16 +353,28 @@ def _metric_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
     return lines
 
 
-def _cost_cells(summary: dict) -> list[dict]:
-    """Per method, its 50 % unstructured cell in the accumulate regime, else reprune (magnitude
-    has only reprune; the quick grid has wanda and sparsegpt only in reprune)."""
-    cells = _by_id(summary)
-    chosen = []
-    for method in METHODS:
-        cell = cells.get(Cell(method, "accumulate").id) or cells.get(Cell(method, "reprune").id)
-        if cell:
-            chosen.append(cell)
-    return chosen
+def _ablation_table(summary: dict) -> list[str]:
+    """COPAL/accumulate per variant: average PPL, BWT and pruning seconds per sparsity."""
+    variants = [c for c in summary["cells"] if c["method"] == "copal" and c["regime"] == "accumulate"
+                and c["structure"] == "unstructured"]
+    sparsities = sorted({c["sparsity"] for c in variants if c["variant"]})
+    if not sparsities:
+        return []
+    lookup = {(c["variant"], c["sparsity"]): c for c in variants}
+    head = ["variant", "what changes"]
+    for sparsity in sparsities:
+        head += [f"{round(sparsity * 100)} % avg PPL", f"{round(sparsity * 100)} % BWT",
+                 f"{round(sparsity * 100)} % pruning s/step"]
+    lines = ["## COPAL variants (accumulate, unstructured)", "",
+             "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for variant, note in summary["notes"]["variants"].items():
+        row = [variant or "default", note]
+        for sparsity in sparsities:
+            cell = lookup.get((variant, sparsity))
+            row += ([plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"]),
+                     f"{_cost(cell)['prune_seconds']:.2f}"] if cell else ["", "", ""])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _cost(cell: dict) -> dict:
@@ -302,10 +385,13 @@ def _cost(cell: dict) -> dict:
 
 
 def _cost_section(summary: dict) -> list[str]:
-    chosen = _cost_cells(summary)
+    cells = _by_id(summary)
+    chosen = [cells[cell_id] for cell_id in summary["cost_cells"] if cell_id in cells]
     if not chosen:
         return []
     lines = ["## Cost per step (50 % unstructured; accumulate, else reprune)", "",
+             "These cells ran alone, one at a time with every core, before the rest of the grid; a step is "
+             "calibration, the pruning pass and the evaluation.", "",
              "| method | regime | mean s/step | mean pruning s/step | peak RSS MB |", "|---|---|---:|---:|---:|"]
     costs = {cell["method"]: _cost(cell) for cell in chosen}
     for cell in chosen:
@@ -346,6 +432,7 @@ def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
     if len(sweep) > 1:
         lines += ["## Sparsity sweep, unstructured", ""]
         lines += _metric_table(summary, [("unstructured", s) for s in sweep]) + [""]
+    lines += _ablation_table(summary)
     lines += _cost_section(summary)
     if any(cell["method"] == "magnitude" for cell in summary["cells"]):
         lines += [f"¹ {summary['notes']['magnitude']}.", ""]
@@ -366,7 +453,7 @@ def write_plots(summary: dict, out_dir: Path) -> list[Path]:
             image = plots.ppl_heatmap([cell["dense_ppl"], *cell["ppl"]], ["dense", *rows], cell["domains"],
                                       f"{cell['label']}, {_structure_label(cell['structure'], cell['sparsity'])}")
             written.append(write_atomic(Path(out_dir) / f"ppl_matrix-{cell_id}.png", image))
-    half = [c for c in summary["cells"] if c["sparsity"] == 0.5]
+    half = [c for c in summary["cells"] if c["sparsity"] == 0.5 and not c["variant"]]
     if not half:
         return written
     groups = list(dict.fromkeys(c["label"] for c in sorted(half, key=lambda c: (METHODS.index(c["method"]),
@@ -402,11 +489,11 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")
     out_dir = Path(out_dir) if out_dir else default_out(quick)
-    base = load_config(config_path)
+    base = load_config(config_path, default=BENCH_CONFIG)
     cells = quick_grid() if quick else full_grid()
     if quick:
         base = quick_config(base)
-    failures = run_grid(base, cells, out_dir, jobs, data_dir, progress)
+    failures = run_grid(base, cells, out_dir, jobs, data_dir, progress, alone=cost_cells(cells))
     summary = summarize_grid(base, cells, out_dir) | {"quick": quick}
     images = write_plots(summary, out_dir)
     written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),

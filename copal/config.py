@@ -12,7 +12,9 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
 REGIMES = ("sequential", "reprune", "accumulate", "joint")
 STRUCTURES = ("unstructured", "2:4", "4:8")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+BENCH_CONFIG = PROJECT_ROOT / "configs" / "bench.yaml"
 
 
 class _Strict(BaseModel):
@@ -30,6 +32,10 @@ class Evaluation(_Strict):
     seqlen: int = Field(256, gt=1)
     max_tokens: int = Field(65536, gt=1, description="evaluation tokens per domain (a prefix)")
     batch_size: int = Field(8, gt=0)
+    # "seen": after each step only the domains its lineage has calibrated on (the
+    # PPL matrix's lower triangle, all that BWT and average PPL use); "all" also
+    # measures the domains still to come.
+    domains: Literal["all", "seen"] = "all"
 
 
 class CopalOptions(_Strict):
@@ -141,11 +147,11 @@ def read_config_file(path: Path) -> dict:
     return raw
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> RunConfig:
     """A config file (default: the demo config) with `key=value` overrides applied.
-    The demo's relative model path is the project's shipped model wherever you run it."""
-    raw = read_config_file(path or DEMO_CONFIG)
+    A shipped default's relative model path is the project's model wherever you run it."""
+    raw = read_config_file(path or default)
     if path is None and not Path(raw.get("model", "")).is_absolute():
-        raw["model"] = str(DEMO_CONFIG.parent.parent / raw["model"])
+        raw["model"] = str(PROJECT_ROOT / raw["model"])
     raw = apply_overrides(raw, list(overrides))
-    return build_config(raw, str(path or DEMO_CONFIG))
+    return build_config(raw, str(path or default))

@@ -198,8 +198,12 @@ class ContinualRun:
     the Prefect flow calls the same pieces as separate tasks."""
 
     def __init__(self, config: RunConfig, root: Path, progress: Progress | None = None,
-                 data_dir: Path | None = None, readonly: bool = False):
+                 data_dir: Path | None = None, readonly: bool = False, known_dense: dict[str, float] | None = None):
+        """`known_dense`: dense PPLs measured elsewhere under this same model and
+        evaluation setting (the benchmark's cells share one), used instead of
+        measuring them again."""
         self.dir = RunDir(root)
+        self.known_dense = dict(known_dense or {})
         self.progress = progress or (lambda what, done, total: None)
         self.data_dir = data_dir
         self.readonly = readonly
@@ -261,21 +265,34 @@ class ContinualRun:
             self._windows[domain.name] = evaluation_windows(domain, self.tokenizer, ev.seqlen, ev.max_tokens)
         return self._windows[domain.name]
 
-    def evaluate(self) -> dict[str, dict]:
-        """PPL of the model as it is now on every domain of the run."""
+    def evaluated_domains(self, pending: PendingStep | None) -> list[Domain]:
+        """Every domain of the run, or with `evaluation.domains: seen` only those
+        that `pending`'s lineage has calibrated on."""
+        if self.config.evaluation.domains == "all" or pending is None:
+            return list(self.domains)
+        seen = {state.record["domain"] for state in self.dir.lineage(pending.parent.id)} if pending.parent else set()
+        seen.add(self.domains[pending.domain_index].name)
+        return [domain for domain in self.domains if domain.name in seen]
+
+    def evaluate(self, pending: PendingStep | None = None) -> dict[str, dict]:
+        """PPL of the model as it is now, on the domains `evaluated_domains` names."""
+        chosen = self.evaluated_domains(pending)
         results = {}
-        for index, domain in enumerate(self.domains):
-            self.progress("evaluate", index, len(self.domains))
+        for index, domain in enumerate(chosen):
+            self.progress("evaluate", index, len(chosen))
             ppl, tokens = metrics.perplexity(self.model, self.windows(domain), self.device,
                                              self.config.evaluation.batch_size)
             results[domain.name] = {"ppl": ppl, "tokens": tokens}
-        self.progress("evaluate", len(self.domains), len(self.domains))
+        self.progress("evaluate", len(chosen), len(chosen))
         return results
 
     def dense_ppl(self) -> dict[str, float]:
         """Row 0 of the PPL matrix, computed once per domain and kept in dense.json."""
         recorded = read_json(self.dir.dense_path, "dense PPLs") if self.dir.dense_path.exists() else {}
-        missing = [d for d in self.domains if d.name not in recorded]
+        known = {d.name: self.known_dense[d.name] for d in self.domains
+                 if d.name not in recorded and d.name in self.known_dense}
+        missing = [d for d in self.domains if d.name not in recorded and d.name not in known]
+        recorded |= known
         if missing:
             for name, module in all_prunable(self.model).items():
                 set_weight_matrix(module, self.dense.get(name))
@@ -283,6 +300,7 @@ class ContinualRun:
                 self.progress("evaluate dense", index, len(missing))
                 recorded[domain.name] = metrics.perplexity(self.model, self.windows(domain), self.device,
                                                            self.config.evaluation.batch_size)[0]
+        if missing or known:
             write_json(self.dir.dense_path, recorded)
         return {d.name: recorded[d.name] for d in self.domains}
 
@@ -359,7 +377,7 @@ class ContinualRun:
         pending = self.start_step(domain_index)
         self.calibrate(pending)
         self.prune(pending)
-        return self.finish_step(pending, self.evaluate())
+        return self.finish_step(pending, self.evaluate(pending))
 
     # ------------------------------------------------------------------ the whole run
 

@@ -349,16 +349,19 @@ def bench(
     jobs: Annotated[Optional[int], typer.Option(help="Cells run at once. Default: as many as fit in the "
                                                      "available memory, at most one per core.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Base run config (model, domains, calibration, "
-                                                        "evaluation). Default: the demo config.")] = None,
+                                                        "evaluation). Default: configs/bench.yaml (the demo's "
+                                                        "sequence, lighter evaluation).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
     """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
 
     Methods magnitude, wanda, sparsegpt, copal × regimes sequential, reprune, accumulate,
     joint × structures 50 % unstructured, 2:4, 4:8, plus a 60/70 % sparsity sweep for wanda
-    and copal, and the dense model, on the config's domain sequence. Magnitude uses no data,
-    so it runs once per structure. Each cell is a run in OUT/cells/<cell>: an interrupted
-    grid resumes where it stopped and finished cells are not recomputed."""
+    and copal, the COPAL variants (loss sensitivity, no normalisation, max) at 50 and 70 %,
+    and the dense model, on the config's domain sequence. Magnitude uses no data, so it runs
+    once per structure. One cell per method runs alone first, for the cost comparison.
+    Each cell is a run in OUT/cells/<cell>: an interrupted grid resumes where it stopped and
+    finished cells are not recomputed."""
     from copal.bench import run_benchmark
 
     _setup_logging(verbose)

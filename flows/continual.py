@@ -37,7 +37,7 @@ progress = None
 def _step(run: ContinualRun, tracker: Tracker, domain_index: int) -> dict:
     pending = steps.calibrate(run, domain_index)
     steps.prune(run, pending)
-    evaluation = steps.evaluate(run)
+    evaluation = steps.evaluate(run, pending)
     record = steps.record(run, pending, evaluation)
     _publish(run, tracker, record["step"])
     return record

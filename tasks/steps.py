@@ -60,8 +60,8 @@ def prune(run: ContinualRun, pending: PendingStep) -> None:
 
 
 @task(name="evaluate", **_local)
-def evaluate(run: ContinualRun) -> dict:
-    return run.evaluate()
+def evaluate(run: ContinualRun, pending: PendingStep) -> dict:
+    return run.evaluate(pending)
 
 
 @task(name="record", **_local)

@@ -114,14 +114,19 @@ def test_cli_quick_resumes_the_grid_and_writes_the_outputs(grid, tmp_path, data_
 def test_grid_definition():
     cells = bench.full_grid()
     ids = [cell.id for cell in cells]
-    assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * 2 * 3
+    assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * 2 * 3 + 3 * 2
+    defaults = [c for c in cells if not c.variant]
     assert {c.regime for c in cells if c.method == "magnitude"} == {"reprune"}
     for method in METHODS[1:]:
         for regime in REGIMES:
-            assert {c.structure for c in cells if (c.method, c.regime, c.sparsity) == (method, regime, 0.5)} \
+            assert {c.structure for c in defaults if (c.method, c.regime, c.sparsity) == (method, regime, 0.5)} \
                 == set(bench.STRUCTURES)
-    assert {(c.method, c.sparsity) for c in cells if c.sparsity > 0.5} == {
+    assert {(c.method, c.sparsity) for c in defaults if c.sparsity > 0.5} == {
         (m, s) for m in ("wanda", "copal") for s in (0.6, 0.7)}
+    variants = {(c.variant, c.sparsity) for c in cells if c.variant}
+    assert variants == {(v, s) for v in bench.COPAL_VARIANTS for s in bench.ABLATION_SPARSITIES}
+    assert bench.cost_cells(cells) == [bench.Cell("magnitude", "reprune"), bench.Cell("wanda", "accumulate"),
+                                       bench.Cell("sparsegpt", "accumulate"), bench.Cell("copal", "accumulate")]
     assert {c.id for c in bench.quick_grid()} <= set(ids)
 
 
@@ -133,27 +138,31 @@ def test_cell_configs_validate_and_quick_only_shrinks(llama_dir, corpus_dir):
         config = bench.cell_config(base, cell)
         assert (config.method, config.regime, config.structure, config.sparsity) == \
             (cell.method, cell.regime, cell.structure, cell.sparsity)
+        expected = base.copal.model_dump() | bench.COPAL_VARIANTS.get(cell.variant, {})
+        assert config.copal.model_dump() == expected
     quick = bench.quick_config(base)
     assert quick.domains == base.domains[:3]
     assert quick.calibration.nsamples == 16 and quick.evaluation.max_tokens == 4096
     assert bench.quick_config(bench.quick_config(quick)) == quick
 
 
-def test_markdown_layout_with_magnitude_sweep_and_missing_cells():
-    def cell(method, regime, structure="unstructured", sparsity=0.5, avg=10.0, bwt=1.0):
-        c = bench.Cell(method, regime, structure, sparsity)
+def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
+    def cell(method, regime, structure="unstructured", sparsity=0.5, avg=10.0, bwt=1.0, variant=""):
+        c = bench.Cell(method, regime, structure, sparsity, variant)
         step = {"step": 1, "domain": "a", "seconds": 2.0, "prune_seconds": 1.0, "peak_rss_mb": 100.0}
         return {"id": c.id, "label": c.label, "method": method, "regime": regime, "structure": structure,
-                "sparsity": sparsity, "avg_ppl": avg, "bwt": bwt, "steps": [step]}
+                "sparsity": sparsity, "variant": variant, "avg_ppl": avg, "bwt": bwt, "steps": [step]}
 
     summary = {"setup": {"model": "m", "domains": ["builtin:a", "builtin:b"],
                          "calibration": {"nsamples": 8, "seqlen": 64, "seed": 0},
                          "evaluation": {"seqlen": 64, "max_tokens": 512}},
-               "notes": {"magnitude": bench.MAGNITUDE_NOTE},
+               "notes": {"magnitude": bench.MAGNITUDE_NOTE, "variants": bench.VARIANT_NOTES},
+               "cost_cells": ["copal-accumulate-u50"],
                "dense": {"domains": ["a", "b"], "ppl": [5.0, 7.0], "avg_ppl": 6.0},
                "cells": [cell("magnitude", "reprune", "2:4", avg=99.0, bwt=0.0),
                          cell("copal", "accumulate", avg=11.0, bwt=-0.5),
-                         cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0)],
+                         cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0),
+                         cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss")],
                "missing": ["wanda-reprune-u50"]}
     text = bench.write_markdown(summary)
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
@@ -162,7 +171,12 @@ def test_markdown_layout_with_magnitude_sweep_and_missing_cells():
     assert f"¹ {bench.MAGNITUDE_NOTE}." in text
     assert "| copal | accumulate | 11.00 | -0.50 |  |  |" in text
     assert "## Sparsity sweep, unstructured" in text
-    assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text
+    assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text  # the variant stays out of it
+    assert "| 70 % avg PPL | 70 % BWT | 70 % pruning s/step |" in text
+    assert f"| default | {bench.VARIANT_NOTES['']} | 30.00 | -2.00 | 1.00 |" in text
+    assert f"| loss | {bench.VARIANT_NOTES['loss']} | 28.00 | -3.00 | 1.00 |" in text
+    assert f"| raw | {bench.VARIANT_NOTES['raw']} |  |  |  |" in text
+    assert "| copal | accumulate | 2.0 | 1.00 | 100 |" in text
     assert "Not yet run (1): wanda-reprune-u50." in text
 
 
