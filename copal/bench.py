@@ -254,7 +254,7 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
         else:
             finished(cell, None)
 
-    first = [cell for cell in pending if cell in set(alone)]
+    first = [cell for cell in alone if cell in pending]
     if jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
         first = pending[:1]
     for cell in first:
@@ -404,10 +404,62 @@ def _cost_section(summary: dict) -> list[str]:
             if other in costs:
                 prune = costs["copal"]["prune_seconds"] / costs[other]["prune_seconds"]
                 whole = costs["copal"]["seconds"] / costs[other]["seconds"]
+                met = prune <= 2.0 if other == "wanda" else prune < 1.0
+                target = "at most 2×" if other == "wanda" else "below 1×"
                 lines.append(f"- copal's pruning time is {prune:.2f}× {other}'s "
-                             f"({whole:.2f}× for the whole step, evaluation included).")
+                             f"({whole:.2f}× for the whole step, evaluation included); target {target}: "
+                             f"{_verdict(met)}.")
         lines.append("")
     return lines
+
+
+CONTINUAL_BASELINES = [(m, r) for m in ("wanda", "sparsegpt") for r in ("sequential", "reprune", "accumulate")]
+BWT_TARGET = 0.10  # copal/accumulate's BWT at most this share of wanda/reprune's
+
+
+def _verdict(met: bool | None) -> str:
+    return "–" if met is None else ("met" if met else "**missed**")
+
+
+def _targets_section(summary: dict) -> list[str]:
+    """The benchmark's targets, checked per setting from the recorded cells."""
+    lookup = {(c["method"], c["regime"], c["structure"], c["sparsity"]): c
+              for c in summary["cells"] if not c["variant"]}
+    settings = sorted({(c["structure"], c["sparsity"]) for c in summary["cells"]},
+                      key=lambda s: (STRUCTURES.index(s[0]), s[1]))
+    lines = ["## Targets", "",
+             f"copal/accumulate against wanda/reprune's BWT (target: at most {BWT_TARGET:.0%} of it) and against "
+             "the best continual baseline's average PPL (wanda and sparsegpt in sequential, reprune, accumulate; "
+             "target: no worse).", "",
+             "| setting | copal BWT | wanda/reprune BWT | ratio | BWT target | copal avg PPL | best baseline "
+             "| its avg PPL | PPL target |", "|---|---:|---:|---:|---|---:|---|---:|---|"]
+    fmt = plots.format_value
+    for structure, sparsity in settings:
+        copal = lookup.get(("copal", "accumulate", structure, sparsity))
+        wanda = lookup.get(("wanda", "reprune", structure, sparsity))
+        if not copal:
+            continue
+        ratio, bwt_met = None, None
+        if wanda and copal["bwt"] is not None and wanda["bwt"] is not None:
+            bwt_met = copal["bwt"] <= BWT_TARGET * wanda["bwt"] if wanda["bwt"] > 0 else copal["bwt"] <= wanda["bwt"]
+            ratio = copal["bwt"] / wanda["bwt"] if wanda["bwt"] > 0 else None
+        baselines = [lookup[(m, r, structure, sparsity)] for m, r in CONTINUAL_BASELINES
+                     if (m, r, structure, sparsity) in lookup]
+        best = min(baselines, key=lambda c: c["avg_ppl"]) if baselines else None
+        ppl_met = copal["avg_ppl"] <= best["avg_ppl"] if best else None
+        lines.append(f"| {_structure_label(structure, sparsity)} | {fmt(copal['bwt'])} | "
+                     f"{fmt(wanda['bwt']) if wanda else '–'} | {f'{ratio:.2f}' if ratio is not None else '–'} | "
+                     f"{_verdict(bwt_met)} | {fmt(copal['avg_ppl'])} | {best['label'] if best else '–'} | "
+                     f"{fmt(best['avg_ppl']) if best else '–'} | {_verdict(ppl_met)} |")
+    lines.append("")
+    for structure, sparsity in settings:
+        magnitude = lookup.get(("magnitude", "reprune", structure, sparsity))
+        others = [lookup.get((m, "reprune", structure, sparsity)) for m in ("wanda", "sparsegpt")]
+        if magnitude and all(others):
+            worse = [magnitude["avg_ppl"] / other["avg_ppl"] for other in others]
+            lines.append(f"- {_structure_label(structure, sparsity)}: magnitude's average PPL is "
+                         f"{worse[0]:.2f}× wanda/reprune's and {worse[1]:.2f}× sparsegpt/reprune's.")
+    return lines + [""]
 
 
 def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
@@ -432,6 +484,7 @@ def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
     if len(sweep) > 1:
         lines += ["## Sparsity sweep, unstructured", ""]
         lines += _metric_table(summary, [("unstructured", s) for s in sweep]) + [""]
+    lines += _targets_section(summary)
     lines += _ablation_table(summary)
     lines += _cost_section(summary)
     if any(cell["method"] == "magnitude" for cell in summary["cells"]):

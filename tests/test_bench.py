@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from conftest import small_config
 from copal import bench, plots
 from copal.config import METHODS, REGIMES, build_config
+from copal.continual import ContinualRun
 from flows.cli import app
 
 
@@ -184,3 +185,38 @@ def test_default_jobs_fits_memory_and_cores():
     assert bench.default_jobs(peak_mb=1000, available_mb=10000, cores=16) == 8
     assert bench.default_jobs(peak_mb=1000, available_mb=10000, cores=2) == 2
     assert bench.default_jobs(peak_mb=50000, available_mb=10000, cores=8) == 1
+
+
+def test_cost_cells_run_alone_first_and_every_cell_shares_one_dense_row(tmp_path, llama_dir, corpus_dir,
+                                                                          monkeypatch):
+    base = bench.quick_config(build_config(_tiny_config(llama_dir, corpus_dir)))
+    cells = [bench.Cell("wanda", "sequential"), bench.Cell("copal", "accumulate"), bench.Cell("magnitude", "reprune")]
+    order, measured = [], []
+    real_run_cell, real_dense = bench._run_cell, ContinualRun.dense_ppl
+
+    def run_cell(config, root, data_dir, threads, progress=None, known_dense=None):
+        order.append((config.name, known_dense is not None))
+        real_run_cell(config, root, data_dir, threads, progress, known_dense)
+
+    def dense_ppl(run):
+        before = run.dir.dense_path.exists() or set(run.known_dense) >= {d.name for d in run.domains}
+        measured.append(not before)
+        return real_dense(run)
+
+    monkeypatch.setattr(bench, "_run_cell", run_cell)
+    monkeypatch.setattr(ContinualRun, "dense_ppl", dense_ppl)
+    alone = bench.cost_cells(cells)
+    assert alone == [bench.Cell("magnitude", "reprune"), bench.Cell("copal", "accumulate")]
+    assert bench.run_grid(base, cells, tmp_path / "out", jobs=1, data_dir=tmp_path / "arrow", alone=alone) == {}
+    assert order == [("magnitude-reprune-u50", False), ("copal-accumulate-u50", True),
+                     ("wanda-sequential-u50", True)]
+    assert measured == [True, False, False]
+    rows = {cell.id: _metrics_of(tmp_path / "out", cell)["dense_ppl"] for cell in cells}
+    assert len({tuple(row) for row in rows.values()}) == 1
+    other = bench.cell_config(base, cells[0]).model_copy(update={"evaluation": base.evaluation.model_copy(
+        update={"max_tokens": 256})})
+    assert bench.shared_dense(tmp_path / "out", cells, other, {}) is None  # another evaluation setting
+
+
+def _metrics_of(out, cell):
+    return json.loads((bench.cell_dir(out, cell) / "metrics.json").read_text())

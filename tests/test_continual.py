@@ -146,3 +146,26 @@ def test_metrics_json_contract(tmp_path, data_dir, llama_dir, corpus_dir):
     step = on_disk["steps"][0]
     assert step["sparsity"] == pytest.approx(0.5) and step["peak_rss_mb"] > 0 and step["seconds"] > 0
     assert (tmp_path / "run/HEAD").read_text().strip() == "3"
+
+
+def test_seen_only_evaluation_is_the_lower_triangle_of_the_full_matrix(tmp_path, data_dir, llama_dir, corpus_dir):
+    full = _run(tmp_path / "all", llama_dir, corpus_dir)
+    seen = _run(tmp_path / "seen", llama_dir, corpus_dir, evaluation={"domains": "seen"})
+    for step, (row_all, row_seen) in enumerate(zip(full["ppl"], seen["ppl"])):
+        assert row_seen[: step + 1] == row_all[: step + 1]
+        assert row_seen[step + 1 :] == [None] * (2 - step)
+    assert (seen["bwt"], seen["avg_ppl"]) == (full["bwt"], full["avg_ppl"])
+    assert seen["dense_ppl"] == full["dense_ppl"]
+    assert _masks(tmp_path / "seen", 3).record["ppl"].keys() == {"alpha", "beta", "gamma"}
+    assert _masks(tmp_path / "seen", 1).record["ppl"].keys() == {"alpha"}
+
+
+def test_known_dense_row_is_recorded_instead_of_measured(tmp_path, data_dir, llama_dir, corpus_dir, monkeypatch):
+    config = build_config(small_config(llama_dir, corpus_dir))
+    measured = ContinualRun(config, tmp_path / "a").dense_ppl()
+    known = {"alpha": 1.0, "beta": 2.0}  # gamma is not known: it is measured
+    run = ContinualRun(config, tmp_path / "b", known_dense=known)
+    assert run.dense_ppl() == {"alpha": 1.0, "beta": 2.0, "gamma": measured["gamma"]}
+    assert json.loads((tmp_path / "b/dense.json").read_text()) == run.dense_ppl()
+    again = ContinualRun(config, tmp_path / "b", known_dense={"alpha": 9.0})  # recorded values win
+    assert again.dense_ppl()["alpha"] == 1.0
