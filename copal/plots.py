@@ -9,9 +9,8 @@ import io
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
 Value = float | None
 
@@ -38,33 +37,38 @@ def _array(rows: list[list[Value]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def _annotate(axes, data: np.ndarray, image, fontsize: float, text=format_value) -> None:
-    """Write each value in its cell, white on dark colours, black on light ones."""
+def _annotate(axes, data: np.ndarray, image, fontsize: float, text=format_value,
+              colours: np.ndarray | None = None, diverging: bool = False) -> None:
+    """Write each value in its cell, white on dark colours, black on light ones.
+    `colours`: what the image shows, when that is not `data` itself; a diverging
+    colour map is dark at both ends."""
+    colours = data if colours is None else colours
     for (row, column), value in np.ndenumerate(data):
         if np.isfinite(value):
-            shade = float(image.norm(value))
+            shade = float(image.norm(colours[row, column])) if np.isfinite(colours[row, column]) else 0.5
+            dark = abs(shade - 0.5) > 0.3 if diverging else shade < 0.55
             axes.text(column, row, text(float(value)), ha="center", va="center", fontsize=fontsize,
-                      color="white" if shade < 0.55 else "black")
+                      color="white" if dark else "black")
 
 
 def ppl_heatmap(matrix: list[list[Value]], row_labels: list[str], columns: list[str], title: str) -> bytes:
-    """Perplexity per (row, domain) on a log colour scale, values written in the cells."""
+    """Perplexity per (row, domain), written in the cells. Row 0 is the dense model:
+    the colour is each value's change from it in percent, because domains differ
+    in PPL far more than pruning changes any one of them."""
     data = _array(matrix)
-    finite = data[np.isfinite(data) & (data > 0)]
-    wide = finite.size and finite.max() > 10 * finite.min()  # a log scale only pays off over a decade
-    norm = LogNorm(finite.min(), finite.max()) if wide else None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = 100 * (data / data[0] - 1)
+    finite = change[np.isfinite(change)]
+    top = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-6)
     figure = Figure(figsize=(2.5 + 1.2 * len(columns), 1.4 + 0.5 * len(row_labels)), layout="constrained")
     axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(data), cmap="viridis", norm=norm, aspect="auto")
+    image = axes.imshow(np.ma.masked_invalid(change), cmap="RdBu_r", norm=Normalize(-top, top), aspect="auto")
     axes.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     axes.set_yticks(range(len(row_labels)), row_labels)
     axes.set_xlabel("evaluated on")
     axes.set_title(title)
-    _annotate(axes, data, image, fontsize=9)
-    bar = figure.colorbar(image, ax=axes, label="perplexity" + (" (log scale)" if norm else ""))
-    if norm:
-        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    _annotate(axes, data, image, fontsize=9, colours=change, diverging=True)
+    figure.colorbar(image, ax=axes, label=f"PPL change from {row_labels[0]} (%)")
     return png(figure)
 
 
