@@ -40,9 +40,9 @@ SWEEP_METHODS = ("wanda", "copal")
 SWEEP_REGIMES = ("sequential", "reprune", "accumulate")
 MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
                   "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
-# Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses.
+# Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
 KEY_CELLS = ("copal-accumulate-u50", "wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
-             "sparsegpt-accumulate-u50")
+             "sparsegpt-accumulate-u50", "copal-accumulate-u70", "wanda-sequential-u70", "wanda-reprune-u70")
 # COPAL variants of METHOD.md, each one change from the default, compared in the
 # accumulate regime at these sparsities.
 COPAL_VARIANTS = {
@@ -84,14 +84,17 @@ class Cell:
 
 
 def full_grid() -> list[Cell]:
-    """Every method × regime × structure at 50 %, the 60/70 % unstructured sweep, the COPAL variants."""
+    """Every method × regime × structure at 50 %, the 60/70 % unstructured sweep (wanda and copal,
+    and magnitude, which costs next to nothing and shows the ordering), the COPAL variants."""
     cells = []
     for structure in STRUCTURES:
         cells.append(Cell("magnitude", "reprune", structure))
         cells += [Cell(method, regime, structure) for method in METHODS if method != "magnitude"
                   for regime in REGIMES]
-    cells += [Cell(method, regime, "unstructured", sparsity) for sparsity in SWEEP_SPARSITIES
-              for method in SWEEP_METHODS for regime in SWEEP_REGIMES]
+    for sparsity in SWEEP_SPARSITIES:
+        cells.append(Cell("magnitude", "reprune", "unstructured", sparsity))
+        cells += [Cell(method, regime, "unstructured", sparsity) for method in SWEEP_METHODS
+                  for regime in SWEEP_REGIMES]
     cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in ABLATION_SPARSITIES
               for variant in COPAL_VARIANTS]
     return cells
@@ -361,6 +364,7 @@ def _ablation_table(summary: dict) -> list[str]:
     if not sparsities:
         return []
     lookup = {(c["variant"], c["sparsity"]): c for c in variants}
+    alone = set(summary["cost_cells"])
     head = ["variant", "what changes"]
     for sparsity in sparsities:
         head += [f"{round(sparsity * 100)} % avg PPL", f"{round(sparsity * 100)} % BWT",
@@ -368,12 +372,16 @@ def _ablation_table(summary: dict) -> list[str]:
     lines = ["## COPAL variants (accumulate, unstructured)", "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for variant, note in summary["notes"]["variants"].items():
-        row = [variant or "default", note]
+        row = [variant or "default", note.replace("|", "\\|")]
         for sparsity in sparsities:
             cell = lookup.get((variant, sparsity))
-            row += ([plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"]),
-                     f"{_cost(cell)['prune_seconds']:.2f}"] if cell else ["", "", ""])
+            seconds = f"{_cost(cell)['prune_seconds']:.2f}" + ("²" if cell["id"] in alone else "") if cell else ""
+            row += [plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"]), seconds] if cell else \
+                ["", "", ""]
         lines.append("| " + " | ".join(row) + " |")
+    if any(cell["id"] in alone for cell in variants):
+        lines += ["", "² ran alone, as a cost cell; the other cells of the grid ran two at a time, so their "
+                      "seconds compare with each other, not with this one."]
     return lines + [""]
 
 
@@ -454,11 +462,13 @@ def _targets_section(summary: dict) -> list[str]:
     lines.append("")
     for structure, sparsity in settings:
         magnitude = lookup.get(("magnitude", "reprune", structure, sparsity))
-        others = [lookup.get((m, "reprune", structure, sparsity)) for m in ("wanda", "sparsegpt")]
-        if magnitude and all(others):
-            worse = [magnitude["avg_ppl"] / other["avg_ppl"] for other in others]
+        others = [lookup.get((m, r, structure, sparsity)) for m in ("wanda", "sparsegpt")
+                  for r in ("reprune", "accumulate")]
+        ratios = [f"{magnitude['avg_ppl'] / other['avg_ppl']:.2f}× {other['label']}'s"
+                  for other in others if magnitude and other]
+        if ratios:
             lines.append(f"- {_structure_label(structure, sparsity)}: magnitude's average PPL is "
-                         f"{worse[0]:.2f}× wanda/reprune's and {worse[1]:.2f}× sparsegpt/reprune's.")
+                         + ", ".join(ratios) + ".")
     return lines + [""]
 
 
@@ -480,10 +490,12 @@ def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
     main = [(s, 0.5) for s in STRUCTURES if any(c["structure"] == s and c["sparsity"] == 0.5
                                                  for c in summary["cells"])]
     lines += _metric_table(summary, main) + [""]
-    sweep = sorted({c["sparsity"] for c in summary["cells"] if c["structure"] == "unstructured"})
-    if len(sweep) > 1:
+    swept = {(c["method"], c["regime"]) for c in summary["cells"] if c["sparsity"] != 0.5}
+    if swept:
+        sweep = sorted({c["sparsity"] for c in summary["cells"] if c["structure"] == "unstructured"})
         lines += ["## Sparsity sweep, unstructured", ""]
-        lines += _metric_table(summary, [("unstructured", s) for s in sweep]) + [""]
+        only_swept = summary | {"cells": [c for c in summary["cells"] if (c["method"], c["regime"]) in swept]}
+        lines += _metric_table(only_swept, [("unstructured", s) for s in sweep]) + [""]
     lines += _targets_section(summary)
     lines += _ablation_table(summary)
     lines += _cost_section(summary)

@@ -115,7 +115,7 @@ def test_cli_quick_resumes_the_grid_and_writes_the_outputs(grid, tmp_path, data_
 def test_grid_definition():
     cells = bench.full_grid()
     ids = [cell.id for cell in cells]
-    assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * 2 * 3 + 3 * 2
+    assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * (1 + 2 * 3) + 3 * 2
     defaults = [c for c in cells if not c.variant]
     assert {c.regime for c in cells if c.method == "magnitude"} == {"reprune"}
     for method in METHODS[1:]:
@@ -123,7 +123,7 @@ def test_grid_definition():
             assert {c.structure for c in defaults if (c.method, c.regime, c.sparsity) == (method, regime, 0.5)} \
                 == set(bench.STRUCTURES)
     assert {(c.method, c.sparsity) for c in defaults if c.sparsity > 0.5} == {
-        (m, s) for m in ("wanda", "copal") for s in (0.6, 0.7)}
+        (m, s) for m in ("magnitude", "wanda", "copal") for s in (0.6, 0.7)}
     variants = {(c.variant, c.sparsity) for c in cells if c.variant}
     assert variants == {(v, s) for v in bench.COPAL_VARIANTS for s in bench.ABLATION_SPARSITIES}
     assert bench.cost_cells(cells) == [bench.Cell("magnitude", "reprune"), bench.Cell("wanda", "accumulate"),
@@ -161,6 +161,7 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                "cost_cells": ["copal-accumulate-u50"],
                "dense": {"domains": ["a", "b"], "ppl": [5.0, 7.0], "avg_ppl": 6.0},
                "cells": [cell("magnitude", "reprune", "2:4", avg=99.0, bwt=0.0),
+                         cell("wanda", "reprune", "2:4", avg=90.0, bwt=2.0),
                          cell("copal", "accumulate", avg=11.0, bwt=-0.5),
                          cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0),
                          cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss")],
@@ -172,11 +173,15 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
     assert f"¹ {bench.MAGNITUDE_NOTE}." in text
     assert "| copal | accumulate | 11.00 | -0.50 |  |  |" in text
     assert "## Sparsity sweep, unstructured" in text
+    assert "- 2:4: magnitude's average PPL is 1.10× wanda/reprune's." in text
+    assert "| wanda | reprune |  |  | 90.00 | 2.00 |" in text
+    assert "| wanda | reprune |  |  |  |  |" not in text  # the sweep lists only what it swept
     assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text  # the variant stays out of it
     assert "| 70 % avg PPL | 70 % BWT | 70 % pruning s/step |" in text
-    assert f"| default | {bench.VARIANT_NOTES['']} | 30.00 | -2.00 | 1.00 |" in text
-    assert f"| loss | {bench.VARIANT_NOTES['loss']} | 28.00 | -3.00 | 1.00 |" in text
-    assert f"| raw | {bench.VARIANT_NOTES['raw']} |  |  |  |" in text
+    notes = {key: note.replace("|", "\\|") for key, note in bench.VARIANT_NOTES.items()}  # | in a table cell
+    assert f"| default | {notes['']} | 30.00 | -2.00 | 1.00 |" in text
+    assert f"| loss | {notes['loss']} | 28.00 | -3.00 | 1.00 |" in text
+    assert f"| raw | {notes['raw']} |  |  |  |" in text
     assert "| copal | accumulate | 2.0 | 1.00 | 100 |" in text
     assert "Not yet run (1): wanda-reprune-u50." in text
 
