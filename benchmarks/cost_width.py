@@ -17,20 +17,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from memory_step import run_step, save_random_llama
+from memory_step import run_step, save_random_llama, step_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
 
 
 def step_cost(folder: Path, method: str, nsamples: int, seqlen: int) -> dict:
-    """One step of `method` (accumulate regime; magnitude has no data) on folder/model."""
-    config = {"name": method, "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
-              "method": method, "regime": "reprune" if method == "magnitude" else "accumulate",
-              "calibration": {"nsamples": nsamples, "seqlen": seqlen},
-              "evaluation": {"seqlen": seqlen, "max_tokens": seqlen * 4}, "device": "cpu"}
+    """One step of `method` on folder/model, run (and its data cache) kept in folder/METHOD."""
     run_folder = folder / method
     run_folder.mkdir()
-    record = run_step(run_folder, config)[0]["record"]
+    record = run_step(run_folder, step_config(folder, method, nsamples, seqlen, seqlen * 4, method))[0]["record"]
     return {"prune_seconds": round(record["prune_seconds"], 2), "step_seconds": round(record["seconds"], 2),
             "peak_rss_mb": round(record["peak_rss_mb"], 1)}
 

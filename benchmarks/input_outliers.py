@@ -3,7 +3,7 @@
 Wanda's advantage over magnitude pruning comes from a few input channels whose
 activations are far larger than the rest (emergent in LLMs of several billion
 parameters). This measures, for every pruned layer of a model, ‖x_j‖₂ over the
-calibration tokens of one domain, and reports max/median across channels and
+calibration tokens of one domain (Wanda's own statistic, `InputEnergy`), and reports max/median across channels and
 the share of the total energy in the top 1 % of channels. Uniform channels
 (max/median near 1) make |W|·‖x‖ rank almost like |W|.
 
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from copal.calibrate import statistic_hook
 from copal.data import calibration_samples, ingest
-from copal.model import all_prunable, load_model
+from copal.methods import InputEnergy
+from copal.model import all_prunable, load_model, weight_matrix
 
 
 def main(argv=None) -> dict:
@@ -32,21 +34,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model)
     batch = calibration_samples(ingest(args.data), tokenizer, args.nsamples, args.seqlen, 0)
-    energy: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            energy[name] = energy.get(name, 0) + x.square().sum(0)
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in all_prunable(model).items()]
+    modules = all_prunable(model)
+    energy = {name: InputEnergy(tuple(weight_matrix(module).shape), torch.device("cpu"))
+              for name, module in modules.items()}
+    handles = [module.register_forward_hook(statistic_hook(energy[name])) for name, module in modules.items()]
     with torch.no_grad():
         model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
     layers = {}
-    for name, value in energy.items():
+    for name, statistic in energy.items():
+        value = statistic.value
         norms = value.sqrt()
         top = norms.sort(descending=True).values[: max(1, len(norms) // 100)]
         layers[name] = {"max_over_median": round(float(norms.max() / norms.median()), 2),

@@ -76,6 +76,16 @@ def _child(config_path: Path, out: Path) -> None:
     print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record}))
 
 
+def step_config(folder: Path, name: str, nsamples: int, seqlen: int, eval_tokens: int,
+                method: str = "copal") -> dict:
+    """A one-domain run of folder/model on folder/corpus.txt (what save_random_llama
+    writes): accumulate regime, except magnitude, which has no data to accumulate."""
+    return {"name": name, "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
+            "method": method, "regime": "reprune" if method == "magnitude" else "accumulate",
+            "calibration": {"nsamples": nsamples, "seqlen": seqlen},
+            "evaluation": {"seqlen": seqlen, "max_tokens": eval_tokens}, "device": "cpu"}
+
+
 def run_step(folder: Path, config: dict) -> tuple[dict, float]:
     """One step of `config` (one domain) through the library, in a fresh process
     with nothing but copal imported (no Prefect/MLflow: their cost is not the
@@ -109,10 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dense_bytes = build(folder, args.layers, args.hidden)
-        config = {"name": "memory", "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
-                  "method": "copal", "regime": "accumulate", "calibration": {"nsamples": 64, "seqlen": 256},
-                  "evaluation": {"seqlen": 256, "max_tokens": 4096}, "device": "cpu"}
-        report, process_peak_mb = run_step(folder, config)
+        report, process_peak_mb = run_step(folder, step_config(folder, "memory", 64, 256, 4096))
     step = report["record"]
     dense_mb = dense_bytes / 2**20
     result = {"layers": args.layers, "hidden": args.hidden, "dense_mb": round(dense_mb, 1),

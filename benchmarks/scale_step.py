@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from memory_step import run_step, save_random_llama
+from memory_step import run_step, save_random_llama, step_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +51,7 @@ def main(argv=None) -> dict:
                                                                 tie_word_embeddings=False), args.shard_size)
         shards = sorted((folder / "model").glob("*.safetensors"))
         disk_bytes = sum(file.stat().st_size for file in shards)
-        config = {"name": "scale", "model": str(folder / "model"), "domains": [f"text:{folder / 'corpus.txt'}"],
-                  "method": "copal", "regime": "accumulate",
-                  "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
-                  "evaluation": {"seqlen": args.seqlen, "max_tokens": args.eval_tokens}, "device": "cpu"}
+        config = step_config(folder, "scale", args.nsamples, args.seqlen, args.eval_tokens)
         report, process_peak_mb = run_step(folder, config)
     step = report["record"]
     disk_mb = disk_bytes / 2**20

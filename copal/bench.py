@@ -375,9 +375,12 @@ def _ablation_table(summary: dict) -> list[str]:
         row = [variant or "default", note.replace("|", "\\|")]
         for sparsity in sparsities:
             cell = lookup.get((variant, sparsity))
-            seconds = f"{_cost(cell)['prune_seconds']:.2f}" + ("²" if cell["id"] in alone else "") if cell else ""
-            row += [plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"]), seconds] if cell else \
-                ["", "", ""]
+            if cell is None:
+                row += ["", "", ""]
+                continue
+            mark = "²" if cell["id"] in alone else ""
+            row += [plots.format_value(cell["avg_ppl"]), plots.format_value(cell["bwt"]),
+                    f"{_cost(cell)['prune_seconds']:.2f}{mark}"]
         lines.append("| " + " | ".join(row) + " |")
     if any(cell["id"] in alone for cell in variants):
         lines += ["", "² ran alone, as a cost cell; the other cells of the grid ran two at a time, so their "

@@ -75,7 +75,9 @@ def _run_block(block: nn.Module, inputs) -> list:
     return outputs
 
 
-def _statistic_hook(statistic: Statistic):
+def statistic_hook(statistic: Statistic):
+    """A forward hook that feeds a linear layer's (input, output) tokens to `statistic`."""
+
     def hook(module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         y = output.detach().reshape(-1, output.shape[-1]).float()
@@ -102,7 +104,7 @@ def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: ty
             handles = []
             for name, module in linears.items():
                 stats[name] = statistic(tuple(weight_matrix(module).shape), device)
-                handles.append(module.register_forward_hook(_statistic_hook(stats[name])))
+                handles.append(module.register_forward_hook(statistic_hook(stats[name])))
             try:
                 _run_block(block, inputs)
             finally:
