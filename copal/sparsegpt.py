@@ -15,25 +15,48 @@ import torch
 from copal.masks import Structure, _prune_lowest
 
 
-def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H)."""
-    hessian = hessian.clone()
-    damp = dampening * hessian.diagonal().mean()
-    hessian.diagonal().add_(damp)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-    return torch.linalg.cholesky(inverse, upper=True)
+def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None = None,
+                      retries: int = 3) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H).
+
+    A Hessian that is not positive definite in floating point (too few calibration
+    tokens, accumulated round-off) makes a Cholesky factorisation fail: then the
+    dampening is raised tenfold, up to `retries` times, with a warning naming the
+    layer; if it still fails, a LinAlgError says which layer and what was tried."""
+    import logging
+
+    where = f"{layer}: " if layer else ""
+    mean_diagonal = hessian.diagonal().mean()
+    for attempt in range(retries + 1):
+        damped = hessian.clone()
+        damped.diagonal().add_(dampening * mean_diagonal)
+        try:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError as error:
+            if attempt == retries:
+                cause = ("it has NaN or infinite entries (non-finite activations)"
+                         if not torch.isfinite(hessian).all() else
+                         "use more calibration data (calibration.nsamples) or a larger sparsegpt.dampening")
+                raise torch.linalg.LinAlgError(
+                    f"{where}SparseGPT cannot invert the Hessian (not positive definite even with dampening "
+                    f"{dampening:g} after {retries} tenfold increases): {cause}") from error
+            logging.getLogger("copal").warning(
+                "%sSparseGPT: Cholesky factorisation of the Hessian failed with dampening %g; retrying with %g",
+                where, dampening, dampening * 10)
+            dampening *= 10
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Structure,
                     forced_prune: torch.Tensor | None, blocksize: int = 128,
-                    dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    dampening: float = 0.01, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight.detach().float().clone()
     hessian = hessian.float().clone()
     rows, cols = weight.shape
     dead = hessian.diagonal() == 0  # inputs that never fired carry no information
     hessian[dead, dead] = 1
     weight[:, dead] = 0
-    hinv = _inverse_cholesky(hessian, dampening)
+    hinv = _inverse_cholesky(hessian, dampening, layer)
     keep = torch.ones_like(weight, dtype=torch.bool)
     forced = forced_prune if forced_prune is not None else torch.zeros_like(keep)
     n_m = structure.n_m

@@ -1,0 +1,74 @@
+"""Robustness gaps of issue 12: SparseGPT's Cholesky retry, the N:M blocksize
+rule, the recorded layer sparsity, and input errors found inside the flow."""
+
+import logging
+
+import pytest
+import torch
+from copal.masks import Structure
+from copal.methods import METHODS
+from copal.regimes import StepPolicy
+from copal.sparsegpt import sparsegpt_prune
+
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def copal_warnings():
+    """The copal logger's records (the CLI may have turned its propagation off)."""
+    handler = _Records()
+    logger = logging.getLogger("copal")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def _indefinite_hessian(cols=16, seed=0, negative=0.5):
+    """X^T X with its smallest eigenvalue moved to -`negative`: a Hessian that is
+    not positive definite (as round-off in an accumulated sum can leave one), so
+    Cholesky fails at 1 % dampening and succeeds once the dampening outweighs it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g)
+    hessian = x.t() @ x / x.shape[0]
+    values, vectors = torch.linalg.eigh(hessian)
+    v = vectors[:, 0]
+    return hessian - (values[0] + negative) * torch.outer(v, v)
+
+
+def test_sparsegpt_retries_an_indefinite_hessian_with_more_dampening(copal_warnings):
+    hessian = _indefinite_hessian()
+    assert torch.linalg.eigvalsh(hessian)[0] < 0
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(hessian + 0.01 * hessian.diagonal().mean() * torch.eye(16))
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    mask, new_weight = sparsegpt_prune(weight, hessian, Structure(0.5), None, layer=LAYER)
+    assert torch.isfinite(new_weight).all()
+    assert ((~mask).sum(1) == 8).all() and (new_weight[~mask] == 0).all()
+    assert copal_warnings and all(message.startswith(f"{LAYER}: ") for message in copal_warnings)
+    assert "retrying with 0.1" in copal_warnings[0]
+
+
+def test_sparsegpt_fails_clearly_when_dampening_cannot_help(copal_warnings):
+    hessian = torch.tensor([[1.0, 100.0], [100.0, 1.0]])  # eigenvalues 101 and -99
+    weight = torch.ones(2, 2)
+    with pytest.raises(torch.linalg.LinAlgError, match=f"^{LAYER}: SparseGPT cannot invert the Hessian"):
+        sparsegpt_prune(weight, hessian, Structure(0.5), None, layer=LAYER)
+    assert len(copal_warnings) == 3  # 0.01 → 0.1 → 1 → 10, then the error
+    nan = torch.full((2, 2), float("nan"))
+    with pytest.raises(torch.linalg.LinAlgError, match="NaN or infinite"):
+        sparsegpt_prune(weight, nan, Structure(0.5), None)
+
+
+def test_step_policy_names_the_layer_whose_hessian_fails():
+    policy = StepPolicy(METHODS["sparsegpt"], "reprune", Structure(0.5), None, None, None, {}, {})
+    with pytest.raises(torch.linalg.LinAlgError, match=f"^{LAYER}: SparseGPT cannot invert"):
+        policy.prune_layer(LAYER, torch.ones(2, 2), torch.tensor([[1.0, 100.0], [100.0, 1.0]]))
