@@ -4,7 +4,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from copal.errors import InputError
 
@@ -81,6 +82,19 @@ class RunConfig(_Strict):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @field_validator("sparsegpt")
+    @classmethod
+    def _blocks_hold_whole_groups(cls, value: SparseGPTOptions, info: ValidationInfo) -> SparseGPTOptions:
+        """SparseGPT chooses N:M groups inside a block: a block that is not a whole
+        number of groups would split a group across two blocks and break the pattern."""
+        structure = info.data.get("structure", "unstructured")
+        if structure != "unstructured":
+            m = int(structure.split(":")[1])
+            if value.blocksize % m:
+                raise ValueError(f"blocksize {value.blocksize} is not a multiple of {m}: structure {structure} "
+                                 f"needs whole groups of {m} columns in each block")
+        return value
 
     @model_validator(mode="after")
     def _structure_fits_sparsity(self) -> "RunConfig":

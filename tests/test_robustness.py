@@ -5,6 +5,10 @@ import logging
 
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import assert_one_line_error, small_config
 from copal.masks import Structure
 from copal.methods import METHODS
 from copal.regimes import StepPolicy
@@ -72,3 +76,25 @@ def test_step_policy_names_the_layer_whose_hessian_fails():
     policy = StepPolicy(METHODS["sparsegpt"], "reprune", Structure(0.5), None, None, None, {}, {})
     with pytest.raises(torch.linalg.LinAlgError, match=f"^{LAYER}: SparseGPT cannot invert"):
         policy.prune_layer(LAYER, torch.ones(2, 2), torch.tensor([[1.0, 100.0], [100.0, 1.0]]))
+
+
+@pytest.mark.parametrize("structure,blocksize,ok", [("2:4", 6, False), ("4:8", 12, False), ("4:8", 4, False),
+                                                    ("2:4", 4, True), ("4:8", 64, True),
+                                                    ("unstructured", 6, True)])
+def test_sparsegpt_blocksize_must_hold_whole_n_m_groups(tmp_path, llama_dir, corpus_dir, structure, blocksize, ok):
+    from copal.config import build_config
+    from copal.errors import InputError
+    from flows.cli import app
+
+    config = small_config(llama_dir, corpus_dir, method="sparsegpt", structure=structure,
+                          sparsity=0.5, sparsegpt={"blocksize": blocksize})
+    if ok:
+        assert build_config(config).sparsegpt.blocksize == blocksize
+        return
+    with pytest.raises(InputError, match=f"sparsegpt: blocksize {blocksize} is not a multiple of"):
+        build_config(config)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")], catch_exceptions=False)
+    assert_one_line_error(result, "sparsegpt: blocksize", structure)
+    assert not (tmp_path / "run").exists()
