@@ -63,12 +63,13 @@ class StepPolicy:
             if str(error).startswith(f"{name}: "):
                 raise
             raise torch.linalg.LinAlgError(f"{name}: {error}") from error
-        self.writer.add_mask(name, mask)
         if new_weight is not None:
             new_weight = new_weight.to(base.dtype)
             self.writer.weights.add(name, new_weight)
-            return new_weight
-        return base * mask.to(base.device, base.dtype)
+        else:
+            new_weight = base * mask.to(base.device, base.dtype)
+        self.writer.add_mask(name, mask, new_weight)  # sparsity: the zeros of the weight the layer ends with
+        return new_weight
 
     def finish_block(self, index: int) -> None:
         self.writer.finish_block(index)

@@ -79,21 +79,27 @@ class StepWriter:
         self.partial.mkdir(parents=True)
         self.packed_masks: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, list[int]] = {}
-        self.kept: dict[str, int] = {}
+        self.nonzero: dict[str, int] = {}
         self.sensitivity = _BlockedTensors(self.partial / "sensitivity")
         self.weights = _BlockedTensors(self.partial / "weights")
 
-    def add_mask(self, name: str, mask: torch.Tensor) -> None:
-        """Keep masks bit-packed from the start: a bool mask costs a byte per weight."""
+    def add_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Record a layer's keep-mask, bit-packed from the start (a bool mask costs a
+        byte per weight), and the weight the layer ends with: its zeros are the
+        layer's sparsity, which can exceed the mask's (SparseGPT zeroes the weights
+        of inputs that never fired, and the mask may keep some of them). Without
+        `weight`, the mask's pruned bits are counted."""
         self.packed_masks[name] = maskio.pack(mask)
         self.shapes[name] = list(mask.shape)
-        self.kept[name] = int(mask.sum())
+        self.nonzero[name] = int(mask.sum()) if weight is None else int(torch.count_nonzero(weight))
 
     def layer_sparsity(self) -> dict[str, float]:
-        return {name: 1.0 - self.kept[name] / math.prod(shape) for name, shape in self.shapes.items()}
+        """Fraction of zeros in each layer's final weight."""
+        return {name: 1.0 - self.nonzero[name] / math.prod(shape) for name, shape in self.shapes.items()}
 
     def overall_sparsity(self) -> float:
-        return 1.0 - sum(self.kept.values()) / sum(math.prod(shape) for shape in self.shapes.values())
+        """Fraction of zeros over all pruned layers' final weights."""
+        return 1.0 - sum(self.nonzero.values()) / sum(math.prod(shape) for shape in self.shapes.values())
 
     def finish_block(self, index: int) -> None:
         self.sensitivity.flush(index)

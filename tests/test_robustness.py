@@ -98,3 +98,36 @@ def test_sparsegpt_blocksize_must_hold_whole_n_m_groups(tmp_path, llama_dir, cor
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")], catch_exceptions=False)
     assert_one_line_error(result, "sparsegpt: blocksize", structure)
     assert not (tmp_path / "run").exists()
+
+
+def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
+    """SparseGPT zeroes the weights of dead inputs; with more dead columns than a
+    row prunes, the mask keeps some of those zeros, and the recorded sparsity must
+    still be the layer's true fraction of zeros."""
+    from copal.state import StepWriter
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 16, generator=g)
+    x = torch.randn(256, 16, generator=g)
+    x[:, 4:] = 0  # 12 of 16 inputs never fire
+    hessian = x.t() @ x / x.shape[0]
+    writer = StepWriter(tmp_path / "steps", 1)
+    policy = StepPolicy(METHODS["sparsegpt"], "reprune", Structure(0.5), None, None, writer,
+                        {"blocksize": 16, "dampening": 0.01}, {})
+    final = policy.prune_layer(LAYER, weight, hessian)
+    mask, expected = sparsegpt_prune(weight, hessian, Structure(0.5), None, blocksize=16)
+    assert torch.equal(final, expected)
+    assert ((~mask).sum(1) == 8).all()  # the mask itself is unchanged: 50 % per row
+    assert (final[mask] == 0).any()  # … but it keeps zeros
+    assert writer.layer_sparsity()[LAYER] == (final == 0).sum().item() / final.numel() == 0.75
+    assert writer.overall_sparsity() == 0.75
+    from copal import masks as maskio
+
+    assert torch.equal(maskio.unpack(writer.packed_masks[LAYER], (8, 16)), mask)
+
+    # Methods that keep the weights: W0 ⊙ mask, so zeros of W0 the mask keeps count too.
+    weight[0, :12] = 0
+    writer = StepWriter(tmp_path / "steps", 2)
+    policy = StepPolicy(METHODS["magnitude"], "reprune", Structure(0.5), None, None, writer, {}, {})
+    final = policy.prune_layer(LAYER, weight, None)
+    assert writer.layer_sparsity()[LAYER] == (final == 0).sum().item() / final.numel() == (12 + 7 * 8) / 128
