@@ -325,6 +325,27 @@ def export(
 
 
 @command
+def import_gguf(
+    gguf: Annotated[Path, typer.Argument(metavar="GGUF", help="A GGUF file of a causal LM that transformers "
+                                                               "can read (any quantisation).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output model directory (must not exist "
+                                                                    "or be empty).")],
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16: what the weights are un-quantised to.")] = "float32",
+):
+    """A GGUF model as a plain Hugging Face directory (float safetensors, tokenizer, chat template).
+
+    Also writes gguf_source.json: the GGUF's file name and SHA-256."""
+    from copal.gguf import import_gguf as convert
+
+    _setup_logging(False)
+    done = convert(gguf, out_dir, dtype)
+    err.print(f"wrote {out_dir}: {'/'.join(done['architectures'] or [done['architecture']])}, "
+              f"{done['parameters'] / 1e6:.1f} M parameters in {done['dtype']}, "
+              f"{done['bytes_written'] / 1e6:.0f} MB, from {done['file']} (sha256 {done['sha256'][:12]}…) "
+              f"in {done['seconds']:.0f} s", markup=False, highlight=False, soft_wrap=True)
+
+
+@command
 def report(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     out: Annotated[Optional[Path], typer.Option(help="HTML file to write. Default: RUN_DIR/report.html.")] = None,
