@@ -28,7 +28,7 @@ from copal import masks as maskio
 from copal import metrics
 from copal.calibrate import loss_gradient_statistic, prune_layerwise
 from copal.config import RunConfig, build_config
-from copal.data import Domain, calibration_samples, evaluation_windows, ingest
+from copal.data import Domain, calibration_samples, evaluation_windows, ingest, parse_source
 from copal.errors import InputError
 from copal.masks import Structure
 from copal.methods import METHODS
@@ -172,6 +172,10 @@ def reconcile(run_dir: RunDir, config: RunConfig) -> tuple[RunConfig, dict[str, 
     return config, {}
 
 
+def _duplicate_name(spec: str, name: str) -> str:
+    return f"{spec}: another domain is already named {name!r}; name it NAME={spec}"
+
+
 def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), data_dir: Path | None = None) -> None:
     """Check every input of a run (directory, model files, data, lengths) without
     loading the model, so bad input fails in seconds, before any orchestration."""
@@ -182,7 +186,12 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     check_architecture(config.model, config.trust_remote_code)
     cal, ev = config.calibration, config.evaluation
-    for spec in list(config.domains) + list(new_specs):
+    names: set[str] = set()
+    for spec in list(config.domains) + [spec for spec in new_specs if spec not in config.domains]:
+        name = parse_source(spec).name
+        if name in names:
+            raise InputError(_duplicate_name(spec, name))
+        names.add(name)
         domain = ingest(spec, data_dir)
         if fingerprints.get(domain.name, domain.fingerprint) != domain.fingerprint:
             raise InputError(f"{spec}: data changed since the run recorded it "
@@ -223,12 +232,12 @@ class ContinualRun:
 
     def _add(self, spec: str) -> Domain:
         domain = ingest(spec, self.data_dir)
+        if any(known.name == domain.name for known in self.domains):
+            raise InputError(_duplicate_name(spec, domain.name))
         recorded = self.fingerprints.get(domain.name)
         if recorded is not None and recorded != domain.fingerprint:
             raise InputError(f"{spec}: data changed since the run recorded it "
                              f"(fingerprint {domain.fingerprint}, recorded {recorded})")
-        if any(known.name == domain.name for known in self.domains):
-            raise InputError(f"{spec}: another domain is already named {domain.name!r}; name it NAME={spec}")
         self.samples(domain)  # fail on a too-short domain now, not after hours of work
         self.windows(domain)
         self.domains.append(domain)

@@ -43,9 +43,28 @@ def command(function):
     return app.command()(wrapper)
 
 
+class _WithoutInputErrors(logging.Filter):
+    """Drops Prefect's reports of an InputError, wherever it was raised: the failed
+    task's and flow run's traceback, and the 'Finished in state Failed(... InputError:
+    …)' lines that quote it. The command prints the error itself, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            return False
+        return f"{InputError.__name__}: " not in record.getMessage()
+
+
+# The loggers Prefect's engines report flow and task runs on (and the one its engine crashes go to).
+_PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.engine")
+_without_input_errors = _WithoutInputErrors()
+
+
 def _setup_logging(verbose: bool) -> None:
     """copal's own messages go to stderr through Rich; Prefect keeps its own handler
-    (its lines name the task run); library chatter and download bars are silenced."""
+    (its lines name the task run) but not for input errors; library chatter and
+    download bars are silenced."""
+    for name in _PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_without_input_errors)
     logger = logging.getLogger("copal")
     logger.handlers = [RichHandler(console=err, show_path=False, show_time=False)]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

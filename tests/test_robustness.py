@@ -131,3 +131,75 @@ def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
     policy = StepPolicy(METHODS["magnitude"], "reprune", Structure(0.5), None, None, writer, {}, {})
     final = policy.prune_layer(LAYER, weight, None)
     assert writer.layer_sparsity()[LAYER] == (final == 0).sum().item() / final.numel() == (12 + 7 * 8) / 128
+
+
+def _same_stem_config(tmp_path, llama_dir, corpus_dir):
+    """Two text files with the same stem: two domains named 'legal'."""
+    for folder, source in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "legal.txt").write_text((corpus_dir / f"{source}.txt").read_text())
+    config = small_config(llama_dir, corpus_dir, domains=[f"text:{tmp_path / 'a/legal.txt'}",
+                                                          f"text:{tmp_path / 'b/legal.txt'}"])
+    path = tmp_path / "legal.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _copal_process(args, tmp_path, prelude=""):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COPAL_DATA_DIR": str(tmp_path / "arrow"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    code = f"import sys\n{prelude}\nfrom flows.cli import main\nsys.argv[0] = 'copal'\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_two_domains_with_one_name_are_one_line_and_exit_2(tmp_path, llama_dir, corpus_dir):
+    path = _same_stem_config(tmp_path, llama_dir, corpus_dir)
+    result = _copal_process(["run", path, "--out", tmp_path / "run"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"copal: error: text:{tmp_path / 'b/legal.txt'}: another domain is already named 'legal'; "
+                     f"name it NAME=text:{tmp_path / 'b/legal.txt'}"], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_input_error_inside_the_flow_is_one_line_too(tmp_path, llama_dir, corpus_dir):
+    """Without preflight the same error is raised inside the Prefect flow (task
+    open-run): Prefect's routine lines stay, its reports of the error do not."""
+    path = _same_stem_config(tmp_path, llama_dir, corpus_dir)
+    prelude = "import copal.continual\ncopal.continual.preflight = lambda *args, **kwargs: None"
+    result = _copal_process(["run", path, "--out", tmp_path / "run"], tmp_path, prelude)
+    assert result.returncode == 2, result.stderr
+    assert "Beginning flow run" in result.stderr  # the error was found inside the flow
+    assert "Traceback" not in result.stderr and "| ERROR" not in result.stderr, result.stderr
+    mentions = [line for line in result.stderr.splitlines() if "legal" in line]
+    assert mentions == [f"copal: error: text:{tmp_path / 'b/legal.txt'}: another domain is already named 'legal'; "
+                        f"name it NAME=text:{tmp_path / 'b/legal.txt'}"], result.stderr
+
+
+def test_prefect_reports_of_input_errors_are_dropped_and_others_kept():
+    import sys
+
+    from copal.errors import InputError
+    from flows.cli import _WithoutInputErrors
+
+    def record(message, error=None):
+        exc_info = None
+        if error is not None:
+            try:
+                raise error
+            except Exception:
+                exc_info = sys.exc_info()
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, (), exc_info)
+
+    keep = _WithoutInputErrors().filter
+    assert not keep(record("Task run failed with exception: InputError('x')", InputError("x")))
+    assert not keep(record("Finished in state Failed('Task run encountered an exception InputError: x')"))
+    assert not keep(record("Finished in state Failed('Flow run encountered an exception: InputError: x')"))
+    assert keep(record("Task run failed with exception: ValueError('x')", ValueError("x")))
+    assert keep(record("Finished in state Failed('Task run encountered an exception ValueError: x')"))
+    assert keep(record("Beginning flow run 'x' for flow 'copal-run'"))
