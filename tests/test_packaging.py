@@ -60,7 +60,7 @@ def _pins() -> dict[str, str]:
         if line:
             name, _, version = line.partition("==")
             assert version, f"requirements.txt: {line!r} is not an exact pin"
-            pins[_normalize(name)] = version
+            pins[_normalize(name.split("[")[0])] = version  # lm-eval[hf]: the extra is not the name
     return pins
 
 
