@@ -37,6 +37,11 @@ class Evaluation(_Strict):
     # PPL matrix's lower triangle, all that BWT and average PPL use); "all" also
     # measures the domains still to come.
     domains: Literal["all", "seen"] = "all"
+    # lm-evaluation-harness tasks (copal.tasks) measured after each step and on the
+    # dense model; empty: perplexity only. task_limit: the first N items of each.
+    tasks: list[str] = []
+    task_limit: int | None = Field(None, gt=0)
+    task_include_path: str | None = Field(None, description="a folder of task YAMLs (lm-eval's include path)")
 
 
 class CopalOptions(_Strict):

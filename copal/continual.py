@@ -64,6 +64,7 @@ class RunDir:
         self.head_path = self.root / "HEAD"
         self.metrics_path = self.root / "metrics.json"
         self.dense_path = self.root / "dense.json"
+        self.dense_tasks_path = self.root / "dense_tasks.json"
 
     def exists(self) -> bool:
         return self.config_path.is_file()
@@ -154,6 +155,7 @@ class PendingStep:
     started: float
     batches: list[torch.Tensor] | None = None
     prune_seconds: float = 0.0
+    tasks: dict | None = None  # evaluation.tasks' results: {"tasks": …, "task_items": …}
 
 
 def reconcile(run_dir: RunDir, config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
@@ -198,6 +200,10 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
                              f"(fingerprint {domain.fingerprint}, recorded {fingerprints[domain.name]})")
         calibration_samples(domain, tokenizer, cal.nsamples, cal.seqlen, cal.seed)
         evaluation_windows(domain, tokenizer, ev.seqlen, ev.max_tokens)
+    if ev.tasks:
+        from copal.tasks import check_tasks
+
+        check_tasks(ev.tasks, ev.task_include_path)
 
 
 class ContinualRun:
@@ -293,6 +299,19 @@ class ContinualRun:
                                              self.config.evaluation.batch_size)
             results[domain.name] = {"ppl": ppl, "tokens": tokens}
         self.progress("evaluate", len(chosen), len(chosen))
+        if pending is not None and self.config.evaluation.tasks:
+            pending.tasks = self.evaluate_tasks()
+        return results
+
+    def evaluate_tasks(self) -> dict:
+        """evaluation.tasks (lm-eval) on the model as it is now: {"tasks", "task_items"}."""
+        from copal.tasks import evaluate_tasks
+
+        ev = self.config.evaluation
+        self.progress("evaluate tasks", 0, 1)
+        results = evaluate_tasks(self.model, self.tokenizer, ev.tasks, ev.task_include_path, self.device,
+                                 ev.batch_size, ev.task_limit)
+        self.progress("evaluate tasks", 1, 1)
         return results
 
     def dense_ppl(self) -> dict[str, float]:
@@ -311,6 +330,10 @@ class ContinualRun:
                                                            self.config.evaluation.batch_size)[0]
         if missing or known:
             write_json(self.dir.dense_path, recorded)
+        if self.config.evaluation.tasks and not self.dir.dense_tasks_path.exists():
+            for name, module in all_prunable(self.model).items():
+                set_weight_matrix(module, self.dense.get(name))
+            write_json(self.dir.dense_tasks_path, self.evaluate_tasks())
         return {d.name: recorded[d.name] for d in self.domains}
 
     # ------------------------------------------------------------------ one step
@@ -376,6 +399,8 @@ class ContinualRun:
             "prune_seconds": pending.prune_seconds, "seconds": time.perf_counter() - pending.started,
             "peak_rss_mb": pending.memory.peak_mb,
         }
+        if pending.tasks is not None:
+            record |= pending.tasks
         pending.writer.commit(record)
         self.dir.set_head(pending.step_id)
         self.write_metrics()
@@ -449,5 +474,15 @@ def summarize(run_dir: RunDir, config: RunConfig, head: int | None = None) -> di
         "avg_ppl": metrics.average_ppl(matrix, step_columns),
         "steps": [{"step": r["step"], "domain": r["domain"], "seconds": r["seconds"],
                    "prune_seconds": r["prune_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                   "sparsity": r["sparsity"]} for r in lineage],
-    }
+                   "sparsity": r["sparsity"]} | ({"tasks": r.get("tasks")} if config.evaluation.tasks else {})
+                  for r in lineage],
+    } | _dense_tasks(run_dir, config)
+
+
+def _dense_tasks(run_dir: RunDir, config: RunConfig) -> dict:
+    """metrics.json's `dense_tasks` (task accuracies of the dense model), only for a
+    run with evaluation.tasks."""
+    if not config.evaluation.tasks:
+        return {}
+    dense = read_json(run_dir.dense_tasks_path, "dense task accuracies") if run_dir.dense_tasks_path.exists() else {}
+    return {"dense_tasks": dense.get("tasks")}

@@ -69,7 +69,7 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers = [RichHandler(console=err, show_path=False, show_time=False)]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import datasets
     import transformers
@@ -293,24 +293,51 @@ def serve(
 @command
 def eval(  # noqa: A001 - the command is called eval
     model: Annotated[Path, typer.Option(help="A Hugging Face model directory (or hub id).")],
-    data: Annotated[str, typer.Option(help="Data source, e.g. builtin:docs, text:PATH, jsonl:PATH[:FIELD].")],
+    data: Annotated[Optional[str], typer.Option(help="Data source for perplexity, e.g. builtin:docs, text:PATH, "
+                                                     "jsonl:PATH[:FIELD].")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks for accuracy, NAME[,NAME…]: copal's "
+                                                      "(copal_wordnet_define, copal_fortune_ending), the include "
+                                                      "path's, or lm-eval's own (online).")] = None,
+    include_path: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAMLs.")] = None,
+    task_limit: Annotated[Optional[int], typer.Option(help="At most this many items per task (the first).")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Evaluate on at most this many tokens.")] = 65536,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ):
-    """Perplexity of a model on a data source's evaluation part; prints JSON {"ppl", "tokens"}."""
+    """Perplexity on a data source's evaluation part and/or accuracy on lm-eval tasks; prints one JSON object.
+
+    --data: {"ppl", "tokens"}; --tasks: {"tasks": {NAME: {METRIC: value}}, "task_items": {NAME: {"items",
+    "sha256"}}}; both: both in one object."""
     from copal.data import evaluation_windows, ingest
     from copal.metrics import perplexity
     from copal.model import load_model, resolve_device
 
     _setup_logging(False)
-    if seqlen < 2 or max_tokens < seqlen:
-        raise InputError(f"--seqlen {seqlen} / --max-tokens {max_tokens}: need 2 <= seqlen <= max-tokens")
-    domain = ingest(data)
+    if include_path is not None and tasks is None:
+        raise InputError(f"--include-path {include_path}: only used with --tasks")
+    if data is None and tasks is None:
+        raise InputError("give --data (perplexity), --tasks (task accuracy) or both")
+    if task_limit is not None and task_limit < 1:
+        raise InputError(f"--task-limit {task_limit}: must be at least 1")
+    if data is not None:
+        if seqlen < 2 or max_tokens < seqlen:
+            raise InputError(f"--seqlen {seqlen} / --max-tokens {max_tokens}: need 2 <= seqlen <= max-tokens")
+        domain = ingest(data)
+    names = None
+    if tasks is not None:
+        from copal.tasks import check_tasks, evaluate_tasks, parse_task_list
+
+        names = parse_task_list(tasks)
+        check_tasks(names, include_path)
     loaded, tokenizer = load_model(str(model))
-    ppl, tokens = perplexity(loaded, evaluation_windows(domain, tokenizer, seqlen, max_tokens),
-                             resolve_device(device))
-    print(json.dumps({"ppl": ppl, "tokens": tokens}))
+    result = {}
+    if data is not None:
+        ppl, tokens = perplexity(loaded, evaluation_windows(domain, tokenizer, seqlen, max_tokens),
+                                 resolve_device(device))
+        result |= {"ppl": ppl, "tokens": tokens}
+    if names is not None:
+        result |= evaluate_tasks(loaded, tokenizer, names, include_path, resolve_device(device), limit=task_limit)
+    print(json.dumps(result))
 
 
 @command

@@ -131,6 +131,9 @@ class Tracker:
         if metrics.get("bwt") is not None:
             values["bwt"] = metrics["bwt"]
         values["avg_ppl"] = metrics["avg_ppl"]
+        values.update(_task_metrics(record.get("tasks", {})))
+        params.update({f"task_items/{task}/{key}": value for task, items in record.get("task_items", {}).items()
+                       for key, value in items.items()})
         with tempfile.TemporaryDirectory() as scratch, store_lock(self.uri):
             model_dir = _model_artifact(state, config, Path(scratch) / "model")
             client = _client(self.uri)
@@ -147,6 +150,12 @@ class Tracker:
                 client.log_artifact(run_id, str(Path(scratch) / "ppl_matrix.png"))
             client.set_terminated(run_id)
             version = self._register(client, run_id, state)
+            if self.run_dir.dense_tasks_path.exists() and not self.state.get("dense_tasks_logged"):
+                # The dense model's task accuracies (evaluation.tasks), once, on the parent run.
+                dense = read_json(self.run_dir.dense_tasks_path, "dense task accuracies").get("tasks", {})
+                client.log_batch(parent, metrics=[Metric(k, float(v), 0, 0)
+                                                  for k, v in _task_metrics(dense, "dense/").items()])
+                self.state["dense_tasks_logged"] = True
         self.state.setdefault("steps", {})[key] = {"run_id": run_id, "model_version": version}
         self._save()
         return self.state["steps"][key]
@@ -163,6 +172,12 @@ class Tracker:
                                               tags={"copal.step": str(state.id),
                                                     "copal.run_dir": str(self.run_dir.root.resolve())})
         return str(version.version)
+
+
+def _task_metrics(tasks: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """`task/<task>/<metric>` for each task accuracy (copal.tasks' metric names)."""
+    return {f"{prefix}task/{task}/{metric}": value for task, values in tasks.items()
+            for metric, value in values.items()}
 
 
 def _params(config: dict, prefix: str = "") -> list:
