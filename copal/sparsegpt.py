@@ -12,7 +12,7 @@ sparsity like the other methods (the paper thresholds per block instead).
 
 import torch
 
-from copal.masks import Structure, _prune_lowest
+from copal.masks import Structure, drop_lowest
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None = None,
@@ -72,16 +72,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
             saliency = (block.square() / diag.square()).masked_fill(forced[:, start:end], float("-inf"))
             if structure.scope == "layer":
                 count = int(round(structure.sparsity * rows * end)) - int(round(structure.sparsity * rows * start))
-                block_keep = _prune_lowest(saliency.reshape(1, -1), count).reshape(rows, end - start)
+                block_keep = drop_lowest(saliency.reshape(1, -1), count).reshape(rows, end - start)
             else:
                 count = structure.pruned_per_row(end) - structure.pruned_per_row(start)
-                block_keep = _prune_lowest(saliency, count)
+                block_keep = drop_lowest(saliency, count)
         for i in range(end - start):
             if n_m is not None and i % n_m[1] == 0:
                 group = slice(i, i + n_m[1])
                 saliency = block[:, group].square() / diag[group].square()
                 saliency = saliency.masked_fill(forced[:, start:end][:, group], float("-inf"))
-                block_keep[:, group] = _prune_lowest(saliency, n_m[1] - n_m[0])
+                block_keep[:, group] = drop_lowest(saliency, n_m[1] - n_m[0])
             column = block[:, i]
             quantized = column * block_keep[:, i]
             error = (column - quantized) / diag[i]

@@ -47,3 +47,26 @@ def test_pack_roundtrip_is_eight_weights_per_byte():
 def test_n_m_needs_divisible_inputs():
     with pytest.raises(InputError, match="groups of 8"):
         check_fits(Structure(0.5, (4, 8)), "layer.x", (4, 12))
+
+
+def _stable_sort_reference(score: torch.Tensor, count: int) -> torch.Tensor:
+    """What a full stable sort drops: the selection rule before it became kthvalue."""
+    order = torch.argsort(score, dim=-1, stable=True)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :count], False)
+    return keep
+
+
+@pytest.mark.parametrize("levels", [None, 4, 16])
+def test_drop_lowest_equals_a_stable_sort_with_ties_and_forced_positions(levels):
+    from copal.masks import drop_lowest
+
+    g = torch.Generator().manual_seed(3)
+    score = torch.randn(64, 96, generator=g).abs()
+    if levels:  # a 4-bit-like grid: many exact ties, as in weights un-quantised from GGUF
+        score = (score * levels).round() / levels
+    score[torch.rand(64, 96, generator=g) < 0.1] = float("-inf")  # sequential's forced prunes
+    for count in (0, 1, 17, 48, 95, 96):
+        assert torch.equal(drop_lowest(score, count), _stable_sort_reference(score, count)), count
+    grouped = score.reshape(64, 24, 4)
+    assert torch.equal(drop_lowest(grouped, 2), _stable_sort_reference(grouped, 2))
