@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from copal.calibrate import statistic_hook
+from copal.calibrate import BlockStatistics
 from copal.data import calibration_samples, ingest
 from copal.methods import InputEnergy
-from copal.model import all_prunable, load_model, weight_matrix
+from copal.model import all_prunable, load_model
 
 
 def main(argv=None) -> dict:
@@ -35,16 +35,12 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model(args.model)
     batch = calibration_samples(ingest(args.data), tokenizer, args.nsamples, args.seqlen, 0)
     modules = all_prunable(model)
-    energy = {name: InputEnergy(tuple(weight_matrix(module).shape), torch.device("cpu"))
-              for name, module in modules.items()}
-    handles = [module.register_forward_hook(statistic_hook(energy[name])) for name, module in modules.items()]
+    energy = BlockStatistics(modules, InputEnergy, torch.device("cpu"))
     with torch.no_grad():
         model(input_ids=batch, use_cache=False)
-    for handle in handles:
-        handle.remove()
+    energy.close()
     layers = {}
-    for name, statistic in energy.items():
-        value = statistic.value
+    for name, value in energy.values().items():
         norms = value.sqrt()
         top = norms.sort(descending=True).values[: max(1, len(norms) // 100)]
         layers[name] = {"max_over_median": round(float(norms.max() / norms.median()), 2),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from copal.methods import Statistic
+from copal.methods import LayerInput, Statistic
 from copal.model import find_blocks, move_non_block_tensors, prunable_linears, set_weight_matrix, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,50 @@ def _run_block(block: nn.Module, inputs) -> list:
     return outputs
 
 
-def statistic_hook(statistic: Statistic):
-    """A forward hook that feeds a linear layer's (input, output) tokens to `statistic`."""
+class BlockStatistics:
+    """One statistic per linear layer of a block, accumulated by forward hooks
+    while the block runs on the calibration batches; masks are computed from
+    `values()` afterwards.
 
-    def hook(module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        y = output.detach().reshape(-1, output.shape[-1]).float()
-        statistic.add(x, y)
+    Layers that read the same input tensor (q/k/v, gate/up) share the work:
+    what a statistic derives from the input (|X|) is computed once per batch,
+    and an input-only statistic (Wanda's Σx², SparseGPT's Hessian) is
+    accumulated by the first of those layers and shared with the others. Both
+    are the same arithmetic as computing each layer alone, so values are
+    bit-identical."""
 
-    return hook
+    def __init__(self, linears: dict[str, nn.Module], statistic: type[Statistic], device: torch.device):
+        self.input_only = statistic.input_only
+        self.stats = {name: statistic(tuple(weight_matrix(module).shape), device) for name, module in linears.items()}
+        self.shares_with: dict[str, str] = {}  # layer → the layer whose input-only statistic it shares
+        self._last: tuple[torch.Tensor, str, LayerInput] | None = None  # the latest input and its first reader
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            raw = args[0]
+            if self._last is not None and self._last[0] is raw:
+                owner, inputs = self._last[1], self._last[2]
+            else:
+                owner, inputs = name, LayerInput(raw.detach().reshape(-1, raw.shape[-1]).float())
+                self._last = (raw, name, inputs)
+            if self.input_only and owner != name:
+                if self.shares_with.setdefault(name, owner) != owner:
+                    raise RuntimeError(f"{name}: reads another layer's input than in the first batch")
+                return
+            if name in self.shares_with:
+                raise RuntimeError(f"{name}: shared {self.shares_with[name]}'s input in an earlier batch only")
+            self.stats[name].add(inputs, output.detach().reshape(-1, output.shape[-1]).float())
+
+        return hook
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {name: self.stats[self.shares_with.get(name, name)].value for name in self.stats}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
 
 
 def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: type[Statistic] | None,
@@ -99,21 +134,18 @@ def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: ty
             bases[name] = policy.base_weight(name)
             set_weight_matrix(module, bases[name])
         block.to(device)
-        stats = {}
+        fresh = {}
         if statistic:
-            handles = []
-            for name, module in linears.items():
-                stats[name] = statistic(tuple(weight_matrix(module).shape), device)
-                handles.append(module.register_forward_hook(statistic_hook(stats[name])))
+            stats = BlockStatistics(linears, statistic, device)
             try:
                 _run_block(block, inputs)
             finally:
-                for handle in handles:
-                    handle.remove()
+                stats.close()
+            fresh = stats.values()
+            del stats
         for name, module in linears.items():
-            fresh = stats[name].value if name in stats else None
-            set_weight_matrix(module, policy.prune_layer(name, bases[name], fresh))
-        del stats
+            set_weight_matrix(module, policy.prune_layer(name, bases[name], fresh.get(name)))
+        del fresh
         policy.finish_block(index)
         if statistic and index + 1 < len(blocks):
             inputs = _run_block(block, inputs)

@@ -14,19 +14,38 @@ import torch
 from copal.masks import Structure, select_mask
 
 
+class LayerInput:
+    """One calibration batch's input to a linear layer, (tokens, in) float32, and
+    what statistics derive from it, computed once for every layer that reads
+    the same input (q/k/v, gate/up)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self._abs: torch.Tensor | None = None
+
+    @property
+    def abs(self) -> torch.Tensor:
+        if self._abs is None:
+            self._abs = self.x.abs()
+        return self._abs
+
+
 class Statistic:
     """Running sum over calibration tokens for one linear layer (out, in)."""
 
+    # True when the statistic is a function of the layer's input alone: layers
+    # that read the same input then share one accumulated value.
+    input_only = False
+
     def __init__(self, shape: tuple[int, int], device: torch.device):
         self.value = torch.zeros(self.value_shape(*shape), device=device)
-        self.tokens = 0
 
     @staticmethod
     def value_shape(out_features: int, in_features: int) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x: (tokens, in), y: (tokens, out), both float32."""
+    def add(self, inputs: LayerInput, y: torch.Tensor) -> None:
+        """inputs.x: (tokens, in), y: (tokens, out), both float32."""
         raise NotImplementedError
 
     @staticmethod
@@ -38,23 +57,27 @@ class Statistic:
 class InputEnergy(Statistic):
     """Σ x_j² per input column (Wanda)."""
 
+    input_only = True
+
     @staticmethod
     def value_shape(out_features, in_features):
         return (in_features,)
 
-    def add(self, x, y):
-        self.value += x.square().sum(0)
+    def add(self, inputs, y):
+        self.value += inputs.x.square().sum(0)
 
 
 class Hessian(Statistic):
     """H = Σ x xᵀ (SparseGPT)."""
 
+    input_only = True
+
     @staticmethod
     def value_shape(out_features, in_features):
         return (in_features, in_features)
 
-    def add(self, x, y):
-        self.value.addmm_(x.t(), x)
+    def add(self, inputs, y):
+        self.value.addmm_(inputs.x.t(), inputs.x)
 
     @staticmethod
     def scale(value):
@@ -69,8 +92,8 @@ class OutputSensitivity(Statistic):
     def value_shape(out_features, in_features):
         return (out_features, in_features)
 
-    def add(self, x, y):
-        self.value.addmm_(y.abs().t(), x.abs())
+    def add(self, inputs, y):
+        self.value.addmm_(y.abs().t(), inputs.abs)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import torch
 
 from copal.masks import Structure
-from copal.methods import METHODS, Hessian, InputEnergy, OutputSensitivity, accumulate
+from copal.methods import METHODS, Hessian, InputEnergy, LayerInput, OutputSensitivity, accumulate
 
 
 def _layer(seed=0, out_features=32, in_features=64, tokens=512):
@@ -18,7 +18,7 @@ def _layer(seed=0, out_features=32, in_features=64, tokens=512):
 def _stat(kind, weight, x):
     stat = kind(tuple(weight.shape), torch.device("cpu"))
     for chunk in x.split(100):
-        stat.add(chunk, chunk @ weight.t())
+        stat.add(LayerInput(chunk), chunk @ weight.t())
     return stat.value
 
 
