@@ -5,6 +5,7 @@ Weights are always handled in (out_features, in_features) orientation here; a
 Conv1D stores the transpose, which `weight_matrix` hides.
 """
 
+import functools
 import itertools
 import json
 import logging
@@ -99,16 +100,23 @@ def load_model(location: str, dtype: str = "float32", trust_remote_code: bool = 
 
 def weights_fingerprint(location: str) -> str:
     """SHA-256 over a local checkpoint's safetensors files ("" for a hub id):
-    what a recorded mask is only valid on top of."""
-    import hashlib
-
+    what a recorded mask is only valid on top of. Hashed once per process for
+    the same files (name, size and mtime), since every step records it."""
     path = Path(location)
     if not path.is_dir():
         return ""
+    files = sorted(path.glob("*.safetensors"))
+    return _hash_files(tuple((str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns) for file in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")):
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as stream:
+    for file, _, _ in files:
+        digest.update(Path(file).name.encode() + b"\0")
+        with open(file, "rb") as stream:
             while chunk := stream.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from copal.errors import InputError
+from flows.api import TemporaryApi
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual pruning of causal language models (COPAL and its baselines).")
@@ -150,9 +151,11 @@ def run(
     _setup_logging(verbose)
     cfg = load_config(config, set_)
     root = out or Path("runs") / cfg.name
+    api = TemporaryApi()
     preflight(cfg, root)
     from flows.continual import continual_flow
 
+    api.ready()
     with flow_progress():
         metrics = continual_flow(cfg, root, tracking_uri)
     print_summary(metrics)
@@ -173,9 +176,11 @@ def step(
     from copal.continual import preflight
 
     _setup_logging(False)
+    api = TemporaryApi()
     preflight(RunDir(run).require().read_config()[0], run, (data,))
     from flows.continual import step_flow
 
+    api.ready()
     with flow_progress():
         step_flow(data, run, tracking_uri)
     directory = RunDir(run)

@@ -11,21 +11,16 @@ set PREFECT_API_URL to use a Prefect server.
 """
 
 import logging
-import os
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# A busy 2-core machine can take longer than the 20 s default to start the temporary API.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
+from prefect import flow, get_run_logger
 
-from prefect import flow, get_run_logger  # noqa: E402
-
-from copal.continual import ContinualRun, RunDir  # noqa: E402
-from copal.errors import InputError  # noqa: E402
-from tasks import steps  # noqa: E402
-from tasks.snapshot import revisions  # noqa: E402
-from tasks.tracking import Tracker  # noqa: E402
+from copal.continual import ContinualRun, RunDir
+from copal.errors import InputError
+from tasks import steps
+from tasks.snapshot import revisions
+from tasks.tracking import Tracker
 
 log = logging.getLogger("copal")
 
@@ -34,27 +29,37 @@ log = logging.getLogger("copal")
 progress = None
 
 
-def _step(run: ContinualRun, tracker: Tracker, domain_index: int) -> dict:
+def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
     pending = steps.calibrate(run, domain_index)
     steps.prune(run, pending)
     evaluation = steps.evaluate(run, pending)
     record = steps.record(run, pending, evaluation)
-    _publish(run, tracker, record["step"])
+    publishing.append(_publish(run, tracker, record["step"], after=publishing[-1:]))
     return record
 
 
-def _publish(run: ContinualRun, tracker: Tracker, step_id: int) -> None:
-    steps.track(tracker, run, step_id)
-    steps.snapshot(run, step_id)
+def _publish(run: ContinualRun, tracker: Tracker, step_id: int, after: list = ()):
+    """Track the step in MLflow, then snapshot it with DVC, in the background: the
+    next step computes meanwhile. Steps publish in order (each waits for `after`);
+    the future of the snapshot is returned, for `_finish_publishing`."""
+    tracked = steps.track.submit(tracker, run, step_id, wait_for=list(after))
+    return steps.snapshot.submit(run, step_id, wait_for=[tracked])
 
 
-def _catch_up(run: ContinualRun, tracker: Tracker) -> None:
+def _finish_publishing(publishing: list) -> None:
+    """Wait for every background publication; the first failure fails the flow.
+    A step recorded but not published is published by the next run (`_catch_up`)."""
+    for future in publishing:
+        future.result()
+
+
+def _catch_up(run: ContinualRun, tracker: Tracker, publishing: list) -> None:
     """Track/snapshot steps a crash recorded on disk but not in MLflow/DVC."""
     snapshotted = revisions(run.dir)
     for state in run.dir.lineage():
         if str(state.id) not in tracker.steps() or str(state.id) not in snapshotted:
             get_run_logger().info("step %d was recorded but not published; publishing it now", state.id)
-            _publish(run, tracker, state.id)
+            publishing.append(_publish(run, tracker, state.id, after=publishing[-1:]))
 
 
 @flow(name="copal-run")
@@ -64,8 +69,10 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
     tracker = Tracker(run.dir, tracking_uri)
     tracker.ensure_parent(run.config)
     steps.dense_eval(run)
-    _catch_up(run, tracker)
-    metrics = run.run(step=lambda index: _step(run, tracker, index))
+    publishing = []
+    _catch_up(run, tracker, publishing)
+    metrics = run.run(step=lambda index: _step(run, tracker, index, publishing))
+    _finish_publishing(publishing)
     tracker.finish_parent()
     return metrics
 
@@ -77,10 +84,12 @@ def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_di
     run = steps.open_run(config, run_dir, progress, data_dir)
     tracker = Tracker(run.dir, tracking_uri)
     tracker.ensure_parent(run.config)
-    _catch_up(run, tracker)
+    publishing = []
+    _catch_up(run, tracker, publishing)
     index = steps.ingest(run, data)
     steps.dense_eval(run)
-    record = _step(run, tracker, index)
+    record = _step(run, tracker, index, publishing)
+    _finish_publishing(publishing)
     tracker.finish_parent()
     return record
 

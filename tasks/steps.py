@@ -75,7 +75,9 @@ def record(run: ContinualRun, pending: PendingStep, evaluation: dict) -> dict:
 def track(tracker: Tracker, run: ContinualRun, step_id: int) -> dict:
     from copal.plots import ppl_heatmap
 
-    metrics = run.write_metrics()
+    from copal.continual import summarize
+
+    metrics = summarize(run.dir, run.config, head=step_id)  # the matrix as of this step, whatever ran since
     rows = ["dense"] + [f"{step['step']}: {step['domain']}" for step in metrics["steps"]]
     plot = ppl_heatmap([metrics["dense_ppl"]] + metrics["ppl"], rows, metrics["domains"], "perplexity after each step")
     return tracker.record_step(run.dir.step(step_id), metrics, run.config, plot)
