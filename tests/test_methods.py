@@ -67,3 +67,32 @@ def test_accumulated_statistic_is_independent_of_domain_order():
     assert torch.equal(ab, ba)
     # normalisation gives both domains equal weight despite the 7× activation scale
     assert torch.allclose(ab.mean(), torch.tensor(2.0))
+
+
+def test_layers_reading_one_input_share_their_statistic_work(llama_dir):
+    """q/k/v (and gate/up) read one input tensor: an input-only statistic is
+    accumulated once and shared, and each shared value equals a layer's own."""
+    from copal.calibrate import BlockStatistics
+    from copal.model import find_blocks, load_model, prunable_linears
+
+    model, _ = load_model(str(llama_dir))
+    block = find_blocks(model)[1][0]
+    linears = prunable_linears(block)
+    batch = torch.randint(0, 500, (2, 16))
+    for statistic in (InputEnergy, Hessian, OutputSensitivity):
+        stats = BlockStatistics(linears, statistic, torch.device("cpu"))
+        with torch.no_grad():
+            model(input_ids=batch)
+        stats.close()
+        values = stats.values()
+        if statistic.input_only:
+            assert stats.shares_with == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                                         "mlp.up_proj": "mlp.gate_proj"}
+            assert values["self_attn.v_proj"] is values["self_attn.q_proj"]
+        else:
+            assert stats.shares_with == {}
+        alone = BlockStatistics({"self_attn.v_proj": linears["self_attn.v_proj"]}, statistic, torch.device("cpu"))
+        with torch.no_grad():
+            model(input_ids=batch)
+        alone.close()
+        assert torch.equal(alone.values()["self_attn.v_proj"], values["self_attn.v_proj"])
