@@ -33,8 +33,12 @@ Output: reports/peers.json (one row per tool × method × structure [× scope])
 and reports/peers_layers.json (per-layer agreement and sparsity).
 
     bash benchmarks/peers_setup.sh && .venv/bin/python benchmarks/peers.py \
-        [--nsamples 16 --seqlen 128] [--eval-tokens 4096] [--scratch /tmp/copal-peers] \
+        [--nsamples 16 --seqlen 128] [--eval-tokens 4096] [--threads 1] [--scratch /tmp/copal-peers] \
         [--cases copal/wanda/2:4,llm-compressor/wanda/2:4] [--reuse]
+
+Every process runs torch with --threads threads (1 by default: on this shared
+2-core machine two OpenMP threads stall whenever another process holds a core,
+which made the pruning 2.5-16x slower and its timings meaningless).
 
 `--reuse` keeps the pruned models (and their timings) and PPLs a previous run
 left in SCRATCH; without it everything is recomputed.
@@ -314,6 +318,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of every process (pruning children and evaluation); 0: torch's default "
+                             "(all cores). 1 by default: on a shared 2-core machine two OpenMP threads wait on each "
+                             "other whenever another process holds a core (measured: 2.5-16x slower)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/copal-peers"))
     parser.add_argument("--cases", default="", help="comma list of case keys (tool/method/structure[/scope])")
     parser.add_argument("--reuse", action="store_true", help="keep pruned models and PPLs already in SCRATCH")
@@ -325,6 +333,11 @@ def main() -> None:
         return copal_child(json.loads(args.copal_child))
 
     started = time.perf_counter()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children's torch reads it at start
     scratch = args.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     chosen = [case for case in CASES if not args.cases or case_key(*case) in args.cases.split(",")]
@@ -357,7 +370,7 @@ def main() -> None:
                "rss_after_load_mb": round(result["rss_after_load_mb"], 1),
                "sparsity": sparsity(masks[key]), "others_untouched": untouched(folder, dense_dir),
                "calibration_same_windows": result["calibration_same_windows"],
-               "calibration_same_order": result["calibration_same_order"],
+               "calibration_same_order": result["calibration_same_order"], "threads": result["threads"],
                "mask_agreement": None, "mask_agreement_with": None}
         if case[0] == "llm-compressor":
             row["versions"] = result["versions"]
