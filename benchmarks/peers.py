@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import reset_peak, status_mb  # a sibling module (benchmarks/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -82,19 +84,6 @@ def case_key(tool: str, method: str, structure: str, scope: str | None) -> str:
 
 def case_folder(key: str) -> str:
     return key.replace("/", "-").replace(":", "of")
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
 
 
 def code_state() -> dict:
@@ -137,7 +126,7 @@ def copal_child(spec: dict) -> None:
     from copal.metrics import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()  # as the command line does
-    rss_after_imports = _status_mb("VmRSS")
+    rss_after_imports = status_mb("VmRSS")
     windows = json.loads(Path(spec["windows"]).read_text())
     raw = {"name": "peers", "model": str(ROOT / MODEL), "domains": [CAL_DOMAIN], "method": spec["method"],
            "regime": "reprune", "structure": spec["structure"], "sparsity": 0.5,
@@ -149,15 +138,15 @@ def copal_child(spec: dict) -> None:
     run_dir = Path(spec["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)
     run = continual.ContinualRun(build_config(raw, "peers"), run_dir)
-    rss_after_load = _status_mb("VmRSS")
-    peak_before = _status_mb("VmHWM")
-    _reset_peak()
+    rss_after_load = status_mb("VmRSS")
+    peak_before = status_mb("VmHWM")
+    reset_peak()
     cpu, wall = time.process_time(), time.perf_counter()
     pending = run.start_step(0)
     run.calibrate(pending)
     run.prune(pending)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    prune_peak = _status_mb("VmHWM")
+    prune_peak = status_mb("VmHWM")
     fed = torch.cat(pending.batches).tolist()
     result = {"tool": "copal", "method": spec["method"], "structure": spec["structure"], "scope": spec["scope"],
               "prune_cpu_seconds": cpu, "wall_seconds": wall, "copal_prune_seconds": pending.prune_seconds,

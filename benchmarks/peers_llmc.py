@@ -23,21 +23,9 @@ from pathlib import Path
 
 import torch
 
+from proc_memory import reset_peak, status_mb  # a sibling module (benchmarks/ is sys.path[0])
+
 VERSIONS = ("llmcompressor", "compressed-tensors", "torch", "transformers", "datasets", "accelerate", "auto-round")
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
-
-
-def _reset_peak() -> None:
-    """VmHWM := VmRSS from now on (Linux: "5" to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
 
 
 def main() -> None:
@@ -61,7 +49,7 @@ def main() -> None:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rss_after_imports = _status_mb("VmRSS")
+    rss_after_imports = status_mb("VmRSS")
     windows = json.loads(args.windows.read_text())
     input_ids = windows["input_ids"]
     nsamples, seqlen = len(input_ids), len(input_ids[0])
@@ -86,15 +74,15 @@ def main() -> None:
     else:
         modifier = SparseGPTModifier(**common, block_size=args.block_size, dampening_frac=args.dampening)
 
-    rss_after_load = _status_mb("VmRSS")
-    peak_before = _status_mb("VmHWM")
-    _reset_peak()
+    rss_after_load = status_mb("VmRSS")
+    peak_before = status_mb("VmHWM")
+    reset_peak()
     cpu, wall = time.process_time(), time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=modifier,
             num_calibration_samples=nsamples, shuffle_calibration_samples=False, batch_size=args.batch_size,
             max_seq_length=seqlen, pipeline="sequential", sequential_offload_device="cpu")
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    prune_peak = _status_mb("VmHWM")
+    prune_peak = status_mb("VmHWM")
     handle.remove()
 
     first_pass = seen[:nsamples]
