@@ -104,7 +104,8 @@ class Method:
 
     def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, structure: Structure,
               forced_prune: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(keep-mask, new weight or None when the kept weights are unchanged)."""
+        """(keep-mask, new weight or None when the kept weights are unchanged). `layer`
+        (the layer's name, for messages) and method options a method does not use are ignored."""
         return select_mask(self.score(weight.float(), stat), structure, forced_prune), None
 
 
@@ -123,10 +124,11 @@ def _copal(weight, stat):
 class SparseGPT(Method):
     """Optimal-brain-surgeon pruning with weight reconstruction (Frantar & Alistarh, 2023)."""
 
-    def prune(self, weight, stat, structure, forced_prune=None, blocksize=128, dampening=0.01, **options):
+    def prune(self, weight, stat, structure, forced_prune=None, blocksize=128, dampening=0.01, layer=None,
+              **options):
         from copal.sparsegpt import sparsegpt_prune
 
-        return sparsegpt_prune(weight, stat, structure, forced_prune, blocksize, dampening)
+        return sparsegpt_prune(weight, stat, structure, forced_prune, blocksize, dampening, layer)
 
 
 METHODS: dict[str, Method] = {

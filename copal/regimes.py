@@ -57,12 +57,7 @@ class StepPolicy:
         forced = None
         if self.regime == "sequential" and self.parent is not None:
             forced = ~self.parent.mask(name)
-        try:
-            mask, new_weight = self.method.prune(base, stat, self.structure, forced, **self.method_options)
-        except torch.linalg.LinAlgError as error:  # SparseGPT's Hessian, even after more dampening
-            if str(error).startswith(f"{name}: "):
-                raise
-            raise torch.linalg.LinAlgError(f"{name}: {error}") from error
+        mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name, **self.method_options)
         if new_weight is not None:
             new_weight = new_weight.to(base.dtype)
             self.writer.weights.add(name, new_weight)
