@@ -321,18 +321,18 @@ class ContinualRun:
                  if d.name not in recorded and d.name in self.known_dense}
         missing = [d for d in self.domains if d.name not in recorded and d.name not in known]
         recorded |= known
-        if missing:
+        tasks_missing = bool(self.config.evaluation.tasks) and not self.dir.dense_tasks_path.exists()
+        if missing or tasks_missing:  # the model in memory may be pruned: W0 back, once
             for name, module in all_prunable(self.model).items():
                 set_weight_matrix(module, self.dense.get(name))
+        if missing:
             for index, domain in enumerate(missing):
                 self.progress("evaluate dense", index, len(missing))
                 recorded[domain.name] = metrics.perplexity(self.model, self.windows(domain), self.device,
                                                            self.config.evaluation.batch_size)[0]
         if missing or known:
             write_json(self.dir.dense_path, recorded)
-        if self.config.evaluation.tasks and not self.dir.dense_tasks_path.exists():
-            for name, module in all_prunable(self.model).items():
-                set_weight_matrix(module, self.dense.get(name))
+        if tasks_missing:
             write_json(self.dir.dense_tasks_path, self.evaluate_tasks())
         return {d.name: recorded[d.name] for d in self.domains}
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from copal.errors import InputError
-from copal.model import DTYPES
+from copal.model import DTYPES, feed_file
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,7 @@ GGUF_MAGIC = b"GGUF"
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return feed_file(hashlib.sha256(), path).hexdigest()
 
 
 def read_header(path: Path) -> dict:

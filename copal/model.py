@@ -116,10 +116,16 @@ def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
     for file, _, _ in files:
         digest.update(Path(file).name.encode() + b"\0")
-        with open(file, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
+        feed_file(digest, Path(file))
     return digest.hexdigest()
+
+
+def feed_file(digest, path: Path):
+    """Stream a file's bytes into a hashlib digest, 1 MB at a time; returns the digest."""
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
