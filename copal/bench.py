@@ -23,21 +23,20 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from copal import plots
 from copal.atomic import write_atomic
-from copal.config import BENCH_CONFIG, METHODS, REGIMES, RunConfig, build_config, load_config
+from copal.config import (BENCH_CONFIG, METHODS, REGIMES, STRUCTURES, RunConfig, build_config,
+                          format_validation_error, load_raw)
 from copal.errors import InputError
 
 log = logging.getLogger("copal")
 
 Progress = Callable[[str, int, int], None]
 
-STRUCTURES = ("unstructured", "2:4", "4:8")
-SWEEP_SPARSITIES = (0.6, 0.7)
-SWEEP_METHODS = ("wanda", "copal")
-SWEEP_REGIMES = ("sequential", "reprune", "accumulate")
 MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
                   "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
@@ -56,7 +55,6 @@ VARIANT_NOTES = {
     "raw": "no per-domain normalisation of the statistic before summing",
     "max": "elementwise max over domains instead of the sum",
 }
-ABLATION_SPARSITIES = (0.5, 0.7)
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16
 QUICK_MAX_TOKENS = 4096
@@ -83,21 +81,76 @@ class Cell:
         return label + (f" ({self.variant})" if self.variant else "")
 
 
-def full_grid() -> list[Cell]:
-    """Every method × regime × structure at 50 %, the 60/70 % unstructured sweep (wanda and copal,
-    and magnitude, which costs next to nothing and shows the ordering), the COPAL variants."""
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Sparsity = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Sweep(_Strict):
+    """Unstructured cells at more sparsities: each method × regime here (magnitude: once, as reprune)."""
+
+    sparsities: list[Sparsity] = [0.6, 0.7]
+    methods: list[Literal["magnitude", "wanda", "sparsegpt", "copal"]] = ["magnitude", "wanda", "copal"]
+    regimes: list[Literal["sequential", "reprune", "accumulate", "joint"]] = ["sequential", "reprune", "accumulate"]
+
+
+class Variants(_Strict):
+    """COPAL/accumulate, unstructured, with one of COPAL_VARIANTS' changes, at these sparsities."""
+
+    sparsities: list[Sparsity] = [0.5, 0.7]
+    names: list[Literal["loss", "raw", "max"]] = ["loss", "raw", "max"]
+
+
+class GridTasks(_Strict):
+    """Downstream accuracy (lm-eval tasks) of the dense model and of the final model of
+    these cells; measured once the grid has run, one cell at a time."""
+
+    names: list[str] = []
+    cells: list[str] = []
+    limit: int | None = Field(None, gt=0)
+    include_path: str | None = None
+
+
+class Grid(_Strict):
+    """Which cells `copal bench` runs: the `grid:` section of a bench config. The defaults
+    are the reference benchmark's grid (configs/bench.yaml has no `grid:` section)."""
+
+    structures: list[Literal["unstructured", "2:4", "4:8"]] = list(STRUCTURES)
+    sweep: Sweep = Sweep()
+    variants: Variants = Variants()
+    tasks: GridTasks = GridTasks()
+
+
+def full_grid(grid: Grid = Grid()) -> list[Cell]:
+    """Every method × regime per structure at 50 % (N:M at its own sparsity), the
+    unstructured sparsity sweep, the COPAL variants. Cells run in this order, the 50 %
+    setting first: a grid cut short has the paper's main table."""
     cells = []
-    for structure in STRUCTURES:
+    for structure in grid.structures:
         cells.append(Cell("magnitude", "reprune", structure))
         cells += [Cell(method, regime, structure) for method in METHODS if method != "magnitude"
                   for regime in REGIMES]
-    for sparsity in SWEEP_SPARSITIES:
-        cells.append(Cell("magnitude", "reprune", "unstructured", sparsity))
-        cells += [Cell(method, regime, "unstructured", sparsity) for method in SWEEP_METHODS
-                  for regime in SWEEP_REGIMES]
-    cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in ABLATION_SPARSITIES
-              for variant in COPAL_VARIANTS]
-    return cells
+    for sparsity in grid.sweep.sparsities:
+        if "magnitude" in grid.sweep.methods:
+            cells.append(Cell("magnitude", "reprune", "unstructured", sparsity))
+        cells += [Cell(method, regime, "unstructured", sparsity) for method in grid.sweep.methods
+                  if method != "magnitude" for regime in grid.sweep.regimes]
+    cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in grid.variants.sparsities
+              for variant in grid.variants.names]
+    return list(dict.fromkeys(cells))
+
+
+def load_bench_config(path: Path | None) -> tuple[RunConfig, Grid]:
+    """A bench config: a run config (each cell's base) plus an optional `grid:` section."""
+    raw = load_raw(path, default=BENCH_CONFIG)
+    source = str(path or BENCH_CONFIG)
+    try:
+        grid = Grid.model_validate(raw.pop("grid", None) or {})
+    except ValidationError as error:
+        raise InputError(format_validation_error(error, f"{source}: grid")) from None
+    return build_config(raw, source), grid
 
 
 def quick_grid() -> list[Cell]:
@@ -281,6 +334,65 @@ def run_grid(base: RunConfig, cells: list[Cell], out_dir: Path, jobs: int | None
         for future in as_completed(futures):
             finished(futures[future], future.exception())
     return failures
+
+
+def check_task_cells(tasks: GridTasks, cells: list[Cell]) -> None:
+    """Before any cell runs: the accuracy cells are cells of this grid, the tasks exist."""
+    unknown = sorted(set(tasks.cells) - {cell.id for cell in cells})
+    if unknown:
+        raise InputError(f"grid.tasks.cells: {', '.join(unknown)} not in this grid "
+                         f"(its cells: {', '.join(cell.id for cell in cells)})")
+    if tasks.cells and not tasks.names:
+        raise InputError("grid.tasks.cells is set but grid.tasks.names is empty")
+    if tasks.names:
+        from copal.tasks import check_tasks
+
+        check_tasks(tasks.names, tasks.include_path)
+
+
+def _accuracy(path: Path, tasks: GridTasks, device: str, load) -> dict:
+    """lm-eval accuracies of the model `load()` gives, kept in `path` (measured once)."""
+    from copal.model import resolve_device
+    from copal.state import read_json, write_json
+    from copal.tasks import task_accuracy
+
+    if path.exists():
+        recorded = read_json(path, "task accuracies")
+        if recorded.get("setup") == tasks.model_dump():
+            return recorded["tasks"]
+    model, tokenizer = load()
+    measured = task_accuracy(model, tokenizer, tasks.names, tasks.include_path, resolve_device(device),
+                             limit=tasks.limit)
+    write_json(path, {"setup": tasks.model_dump(), "tasks": measured})
+    return measured
+
+
+def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir: Path,
+                  progress: Progress | None = None) -> dict | None:
+    """{"dense": {task: {metric: value}}, "cells": {cell id: …}}: the dense model's and each
+    finished accuracy cell's final model's task accuracies (None: the grid has no tasks).
+    Each is kept in OUT/tasks/<id>.json, so a resumed grid measures only what is missing."""
+    if not tasks.names:
+        return None
+    from copal.continual import RunDir
+    from copal.export import load_step_model
+    from copal.model import load_model
+
+    progress = progress or (lambda what, done, total: None)
+    folder = Path(out_dir) / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = [cell for cell in cells if cell.id in tasks.cells and is_finished(out_dir, cell, len(base.domains))]
+    progress("task accuracy", 0, len(chosen) + 1)
+    dense = _accuracy(folder / "dense.json", tasks, base.device,
+                      lambda: load_model(base.model, base.dtype, base.trust_remote_code))
+    results = {}
+    for index, cell in enumerate(chosen, 1):
+        progress("task accuracy", index, len(chosen) + 1)
+        root = cell_dir(out_dir, cell)
+        results[cell.id] = _accuracy(folder / f"{cell.id}.json", tasks, base.device,
+                                     lambda: load_step_model(root, RunDir(root).head()))
+    progress("task accuracy", len(chosen) + 1, len(chosen) + 1)
+    return {"tasks": tasks.model_dump(), "dense": dense, "cells": results}
 
 
 # ----------------------------------------------------------------------------- results
@@ -475,6 +587,30 @@ def _targets_section(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def _accuracy_section(summary: dict) -> list[str]:
+    """Dense vs each accuracy cell's final model on the grid's lm-eval tasks (accuracy ± stderr)."""
+    accuracy = summary.get("accuracy")
+    if not accuracy:
+        return []
+    names = accuracy["tasks"]["names"]
+    limit = accuracy["tasks"]["limit"]
+    labels = {cell["id"]: cell["label"] + f", {_structure_label(cell['structure'], cell['sparsity'])}"
+              for cell in summary["cells"]}
+
+    def row(label: str, result: dict) -> str:
+        values = [f"{100 * result[name]['acc']:.1f} ± {100 * result[name].get('acc_stderr', 0):.1f}"
+                  if name in result and "acc" in result[name] else "" for name in names]
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    lines = ["## Downstream accuracy after the last step", "",
+             f"lm-eval zero-shot accuracy in % ({f'the first {limit} items' if limit else 'every item'} of each "
+             "task; ± is lm-eval's standard error).", "",
+             "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+             row("dense", accuracy["dense"])]
+    lines += [row(labels.get(cell_id, cell_id), result) for cell_id, result in accuracy["cells"].items()]
+    return lines + [""]
+
+
 def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
     """benchmark.md: the paper-style table, the sparsity sweep, the cost table, links to the plots."""
     setup = summary["setup"]
@@ -500,6 +636,7 @@ def write_markdown(summary: dict, plot_files: list[str] = ()) -> str:
         only_swept = summary | {"cells": [c for c in summary["cells"] if (c["method"], c["regime"]) in swept]}
         lines += _metric_table(only_swept, [("unstructured", s) for s in sweep]) + [""]
     lines += _targets_section(summary)
+    lines += _accuracy_section(summary)
     lines += _ablation_table(summary)
     lines += _cost_section(summary)
     if any(cell["method"] == "magnitude" for cell in summary["cells"]):
@@ -557,12 +694,14 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")
     out_dir = Path(out_dir) if out_dir else default_out(quick)
-    base = load_config(config_path, default=BENCH_CONFIG)
-    cells = quick_grid() if quick else full_grid()
+    base, grid = load_bench_config(config_path)
+    cells = quick_grid() if quick else full_grid(grid)
     if quick:
-        base = quick_config(base)
+        base, grid = quick_config(base), Grid()
+    check_task_cells(grid.tasks, cells)
     failures = run_grid(base, cells, out_dir, jobs, data_dir, progress, alone=cost_cells(cells))
-    summary = summarize_grid(base, cells, out_dir) | {"quick": quick}
+    accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, progress)
+    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy}
     images = write_plots(summary, out_dir)
     written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
                write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]

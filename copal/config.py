@@ -120,7 +120,7 @@ class RunConfig(_Strict):
         return int(n), int(m)
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
@@ -134,7 +134,7 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise InputError(_format_validation_error(error, source)) from None
+        raise InputError(format_validation_error(error, source)) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -166,11 +166,15 @@ def read_config_file(path: Path) -> dict:
     return raw
 
 
-def load_config(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> RunConfig:
-    """A config file (default: the demo config) with `key=value` overrides applied.
-    A shipped default's relative model path is the project's model wherever you run it."""
+def load_raw(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> dict:
+    """A config file (default: `default`) as a mapping, `key=value` overrides applied, not yet
+    validated. A shipped default's relative model path is the project's model wherever you run it."""
     raw = read_config_file(path or default)
     if path is None and not Path(raw.get("model", "")).is_absolute():
         raw["model"] = str(PROJECT_ROOT / raw["model"])
-    raw = apply_overrides(raw, list(overrides))
-    return build_config(raw, str(path or default))
+    return apply_overrides(raw, list(overrides))
+
+
+def load_config(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> RunConfig:
+    """A config file (default: the demo config) with `key=value` overrides applied, validated."""
+    return build_config(load_raw(path, overrides, default), str(path or default))

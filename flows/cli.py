@@ -427,13 +427,15 @@ def bench(
 ):
     """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
 
-    Methods magnitude, wanda, sparsegpt, copal × regimes sequential, reprune, accumulate,
-    joint × structures 50 % unstructured, 2:4, 4:8, plus a 60/70 % sparsity sweep for wanda
-    and copal, the COPAL variants (loss sensitivity, no normalisation, max) at 50 and 70 %,
-    and the dense model, on the config's domain sequence. Magnitude uses no data, so it runs
-    once per structure. One cell per method runs alone first, for the cost comparison.
-    Each cell is a run in OUT/cells/<cell>: an interrupted grid resumes where it stopped and
-    finished cells are not recomputed."""
+    By default: methods magnitude, wanda, sparsegpt, copal × regimes sequential, reprune,
+    accumulate, joint × structures 50 % unstructured, 2:4, 4:8, plus a 60/70 % sparsity sweep
+    for magnitude, wanda and copal, the COPAL variants (loss sensitivity, no normalisation,
+    max) at 50 and 70 %, and the dense model, on the config's domain sequence. A `grid:`
+    section in the config narrows or widens this (structures, sweep, variants) and can add
+    lm-eval task accuracy of chosen cells' final models (configs/smollm2.yaml shows every key).
+    Magnitude uses no data, so it runs once per structure. One cell per method runs alone
+    first, for the cost comparison. Each cell is a run in OUT/cells/<cell>: an interrupted
+    grid resumes where it stopped and finished cells are not recomputed."""
     from copal.bench import run_benchmark
 
     _setup_logging(verbose)

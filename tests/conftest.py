@@ -1,6 +1,7 @@
 """Fixtures: tiny random models of several architectures, a tokenizer trained
 here, and small real-text domains — all built offline inside the test session."""
 
+import hashlib
 import inspect
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -184,3 +186,41 @@ def assert_one_line_error(result, *needles) -> None:
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+TINY_TASK = "copal_test_tiny"
+
+
+def write_jsonl(path, items) -> str:
+    """Items in copal's canonical JSONL (keys sorted); returns the file's SHA-256."""
+    content = b"".join(json.dumps(item, sort_keys=True).encode() + b"\n" for item in items)
+    path.write_bytes(content)
+    return hashlib.sha256(content).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """A folder holding one local multiple-choice task YAML (lm-eval's `dataset_path: json`)
+    over 8 items of Python code: which word continues the line."""
+    folder = tmp_path_factory.mktemp("lm_tasks")
+    stems = [("def parse(self, text):\n    return", [" self", " text", " None", " False"], 1),
+             ("for index, item in", [" enumerate", " range", " print", " while"], 0),
+             ("import", [" os", " (", " =", " 1"], 0),
+             ("if value is", [" None", " def", " class", " 3"], 0),
+             ("class Parser(", ["object", "1", "if", "return"], 0),
+             ("raise ValueError(", ["\"bad value\")", "while", "else", "+"], 0),
+             ("    except KeyError:\n        ", ["pass", "def", "import", "class"], 0),
+             ("return self.", ["_items", "1", "(", "import"], 0)]
+    items = [{"question": question, "choices": choices, "label": label} for question, choices, label in stems]
+    sha256 = write_jsonl(folder / "tiny.jsonl", items)
+    config = {"task": TINY_TASK, "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": str(folder / "tiny.jsonl")},
+                                 "cache_dir": str(tmp_path_factory.mktemp("hf_datasets"))},
+              "output_type": "multiple_choice", "test_split": "test",
+              "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+              "target_delimiter": "",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                              {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+              "metadata": {"version": 1.0}}
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return folder, len(items), sha256

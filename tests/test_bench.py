@@ -6,9 +6,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import small_config
+from conftest import TINY_TASK, assert_one_line_error, small_config
 from copal import bench, plots
-from copal.config import METHODS, REGIMES, build_config
+from copal.config import METHODS, PROJECT_ROOT, REGIMES, build_config
 from copal.continual import ContinualRun
 from flows.cli import app
 
@@ -125,7 +125,7 @@ def test_grid_definition():
     assert {(c.method, c.sparsity) for c in defaults if c.sparsity > 0.5} == {
         (m, s) for m in ("magnitude", "wanda", "copal") for s in (0.6, 0.7)}
     variants = {(c.variant, c.sparsity) for c in cells if c.variant}
-    assert variants == {(v, s) for v in bench.COPAL_VARIANTS for s in bench.ABLATION_SPARSITIES}
+    assert variants == {(v, s) for v in bench.COPAL_VARIANTS for s in (0.5, 0.7)}
     assert bench.cost_cells(cells) == [bench.Cell("magnitude", "reprune"), bench.Cell("wanda", "accumulate"),
                                        bench.Cell("sparsegpt", "accumulate"), bench.Cell("copal", "accumulate")]
     assert {c.id for c in bench.quick_grid()} <= set(ids)
@@ -225,3 +225,60 @@ def test_cost_cells_run_alone_first_and_every_cell_shares_one_dense_row(tmp_path
 
 def _metrics_of(out, cell):
     return json.loads((bench.cell_dir(out, cell) / "metrics.json").read_text())
+
+
+def test_grid_section_shapes_the_smollm2_grid():
+    base, grid = bench.load_bench_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
+    cells = bench.full_grid(grid)
+    ids = [cell.id for cell in cells]
+    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3
+    assert {c.structure for c in cells} == {"unstructured", "2:4"}
+    assert {(c.method, c.regime, c.sparsity) for c in cells if c.sparsity > 0.5} == {
+        ("magnitude", "reprune", s) for s in (0.6, 0.7)} | {
+        (m, r, s) for m in ("wanda", "copal") for r in ("reprune", "accumulate") for s in (0.6, 0.7)}
+    assert ids[:13] == [c.id for c in bench.full_grid(grid) if c.sparsity == 0.5 and c.structure == "unstructured"
+                        and not c.variant]  # the main table runs first
+    assert {c.id for c in cells if c.variant} == {f"copal-accumulate-u50-{v}" for v in ("loss", "raw", "max")}
+    bench.check_task_cells(grid.tasks, cells)
+    assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
+
+
+@pytest.mark.parametrize("grid, needles", [
+    ({"structures": ["3:4"]}, ["grid: structures.0"]),
+    ({"sweep": {"sparsities": [1.5]}}, ["grid: sweep.sparsities.0", "less than 1"]),
+    ({"variant": {}}, ["grid: variant", "unknown key"]),
+    ({"tasks": {"names": ["copal_wordnet_define"], "cells": ["wanda-nothing-u50"]}},
+     ["grid.tasks.cells", "wanda-nothing-u50", "not in this grid"]),
+    ({"tasks": {"cells": ["wanda-reprune-u50"]}}, ["grid.tasks.names is empty"]),
+])
+def test_bad_grid_sections_are_one_line_errors(llama_dir, corpus_dir, tmp_path, grid, needles):
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(llama_dir, corpus_dir) | {"grid": grid}))
+    result = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task):
+    folder, count, _ = tiny_task
+    tasks = bench.GridTasks(names=[TINY_TASK], include_path=str(folder), limit=6,
+                            cells=["wanda-reprune-u50", "copal-accumulate-u50"])
+    reports = []
+    accuracy = bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"],
+                                   progress=lambda *report: reports.append(report))
+    assert set(accuracy["cells"]) == {"wanda-reprune-u50", "copal-accumulate-u50"}
+    for result in [accuracy["dense"], *accuracy["cells"].values()]:
+        assert 0.0 <= result[TINY_TASK]["acc"] <= 1.0 and "acc_stderr" in result[TINY_TASK]
+    assert reports[0] == ("task accuracy", 0, 3) and reports[-1] == ("task accuracy", 3, 3)
+    # The final model is the pruned one: its accuracy is what copal eval gives for the exported step.
+    recorded = json.loads((grid["out"] / "tasks" / "wanda-reprune-u50.json").read_text())
+    assert recorded["tasks"] == accuracy["cells"]["wanda-reprune-u50"] and recorded["setup"]["limit"] == 6
+    before = _mtimes(grid["out"] / "tasks")
+    assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"]) == accuracy
+    assert _mtimes(grid["out"] / "tasks") == before  # measured once
+    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"]) | {"accuracy": accuracy}
+    text = bench.write_markdown(summary)
+    dense = accuracy["dense"][TINY_TASK]
+    assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text
+    assert "| wanda/reprune, 50 % unstructured |" in text and "the first 6 items" in text
+    assert bench.grid_accuracy(grid["base"], bench.GridTasks(), grid["cells"], grid["out"]) is None

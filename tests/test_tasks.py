@@ -10,51 +10,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error, read_json, small_config
+from conftest import TINY_TASK as TINY, assert_one_line_error, read_json, small_config, write_jsonl
 from copal.continual import RunDir
 from flows.cli import app
 
 runner = CliRunner()
-TINY = "copal_test_tiny"
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def _write_jsonl(path, items) -> str:
-    """Items in copal's canonical JSONL (keys sorted); returns the file's SHA-256."""
-    content = b"".join(json.dumps(item, sort_keys=True).encode() + b"\n" for item in items)
-    path.write_bytes(content)
-    return hashlib.sha256(content).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    """A folder holding one local multiple-choice task YAML (lm-eval's `dataset_path: json`)
-    over 8 items of Python code: which word continues the line."""
-    folder = tmp_path_factory.mktemp("lm_tasks")
-    stems = [("def parse(self, text):\n    return", [" self", " text", " None", " False"], 1),
-             ("for index, item in", [" enumerate", " range", " print", " while"], 0),
-             ("import", [" os", " (", " =", " 1"], 0),
-             ("if value is", [" None", " def", " class", " 3"], 0),
-             ("class Parser(", ["object", "1", "if", "return"], 0),
-             ("raise ValueError(", ["\"bad value\")", "while", "else", "+"], 0),
-             ("    except KeyError:\n        ", ["pass", "def", "import", "class"], 0),
-             ("return self.", ["_items", "1", "(", "import"], 0)]
-    items = [{"question": question, "choices": choices, "label": label} for question, choices, label in stems]
-    sha256 = _write_jsonl(folder / "tiny.jsonl", items)
-    config = {"task": TINY, "dataset_path": "json",
-              "dataset_kwargs": {"data_files": {"test": str(folder / "tiny.jsonl")},
-                                 "cache_dir": str(tmp_path_factory.mktemp("hf_datasets"))},
-              "output_type": "multiple_choice", "test_split": "test",
-              "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "label",
-              "target_delimiter": "",
-              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                              {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-              "metadata": {"version": 1.0}}
-    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return folder, len(items), sha256
 
 
 def _check_accuracy(tasks: dict, items: dict, sha256: str, count: int) -> None:
