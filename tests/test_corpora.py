@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from copal import corpora
-from copal.corpora import (BUILTIN_NAMES, builtin_signature, cut_dict_entries, iter_builtin, man_to_text,
-                           parse_dict_index, parse_fortunes, parse_info)
+from copal.corpora import BUILTIN_NAMES, builtin_signature, dictd, fortune, info, iter_builtin, man
+from copal.corpora.dictd import cut_dict_entries, parse_dict_index
+from copal.corpora.fortune import parse_fortunes
+from copal.corpora.info import parse_info
+from copal.corpora.man import man_to_text
 from copal.errors import InputError
 
 # Measured on this machine: docs 5306, lexicon 147306, code 731, fortunes 15217,
@@ -149,7 +151,7 @@ def test_signature_is_stable_and_distinct():
 
 
 def test_signature_follows_the_source_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora, "FORTUNES_DIR", tmp_path)
+    monkeypatch.setattr(fortune, "FORTUNES_DIR", tmp_path)
     (tmp_path / "jokes").write_text("one\n%\ntwo\n")
     (tmp_path / "jokes.dat").write_bytes(b"\x00\x01")
     before = builtin_signature("fortunes")
@@ -168,16 +170,16 @@ def test_unknown_domain():
             call("poems")
 
 
-@pytest.mark.parametrize("name, attribute, package", [
-    ("docs", "INFO_PATH", "python3.11-doc"),
-    ("lexicon", "DICT_PATH", "dict-wn"),
-    ("lexicon", "DICT_INDEX_PATH", "dict-wn"),
-    ("fortunes", "FORTUNES_DIR", "fortunes"),
-    ("manuals", "MAN_PACKAGE_LIST", "manpages"),
+@pytest.mark.parametrize("name, module, attribute, package", [
+    ("docs", info, "INFO_PATH", "python3.11-doc"),
+    ("lexicon", dictd, "DICT_PATH", "dict-wn"),
+    ("lexicon", dictd, "DICT_INDEX_PATH", "dict-wn"),
+    ("fortunes", fortune, "FORTUNES_DIR", "fortunes"),
+    ("manuals", man, "MAN_PACKAGE_LIST", "manpages"),
 ])
-def test_missing_files_name_the_package(tmp_path, monkeypatch, name, attribute, package):
+def test_missing_files_name_the_package(tmp_path, monkeypatch, name, module, attribute, package):
     missing = tmp_path / "gone"
-    monkeypatch.setattr(corpora, attribute, missing)
+    monkeypatch.setattr(module, attribute, missing)
     expected = (f"^builtin:{name}: {re.escape(str(missing))} not found; install the Debian package "
                 f"{re.escape(package)} \\(apt-get install {re.escape(package)}\\)$")
     with pytest.raises(InputError, match=expected):
@@ -220,7 +222,7 @@ def test_parse_info_rejects_malformed(text, problem):
 def test_docs_loader_rejects_a_file_that_is_not_gzip(tmp_path, monkeypatch):
     path = tmp_path / "python3.11.info.gz"
     path.write_text(INFO)
-    monkeypatch.setattr(corpora, "INFO_PATH", path)
+    monkeypatch.setattr(info, "INFO_PATH", path)
     with pytest.raises(InputError, match="python3.11.info.gz: not a valid gzip file"):
         list(iter_builtin("docs"))
 
@@ -231,7 +233,7 @@ def test_docs_loader_reads_split_info_parts(tmp_path, monkeypatch):
     for number, node in ((2, "Second"), (1, "First")):
         page = f"part\x1f\nFile: python3.11.info,  Node: {node},  Up: Top\n\n{node} text\n"
         (tmp_path / f"python3.11.info-{number}.gz").write_bytes(gzip.compress(page.encode()))
-    monkeypatch.setattr(corpora, "INFO_PATH", main)
+    monkeypatch.setattr(info, "INFO_PATH", main)
     assert list(iter_builtin("docs")) == [("docs/First", "First text"), ("docs/Second", "Second text")]
 
 
@@ -268,8 +270,8 @@ def test_lexicon_loader(tmp_path, monkeypatch):
     data = b"00-database-info\nmetadata\ndog\n  n 1: a canine\n"
     (tmp_path / "wn.dict.dz").write_bytes(gzip.compress(data))
     (tmp_path / "wn.index").write_text("00-database-info\tA\ta\ndog\ta\tU\ndog\ta\tU\n")
-    monkeypatch.setattr(corpora, "DICT_PATH", tmp_path / "wn.dict.dz")
-    monkeypatch.setattr(corpora, "DICT_INDEX_PATH", tmp_path / "wn.index")
+    monkeypatch.setattr(dictd, "DICT_PATH", tmp_path / "wn.dict.dz")
+    monkeypatch.setattr(dictd, "DICT_INDEX_PATH", tmp_path / "wn.index")
     assert list(iter_builtin("lexicon")) == [("lexicon/dog", "dog\n  n 1: a canine"),
                                              ("lexicon/dog#2", "dog\n  n 1: a canine")]
     (tmp_path / "wn.dict.dz").write_bytes(data)  # not compressed
@@ -296,7 +298,7 @@ def test_parse_fortunes_rejects_malformed(text, problem):
 
 def test_fortunes_loader_rejects_binary_files(tmp_path, monkeypatch):
     (tmp_path / "garbage").write_bytes(bytes(range(256)))
-    monkeypatch.setattr(corpora, "FORTUNES_DIR", tmp_path)
+    monkeypatch.setattr(fortune, "FORTUNES_DIR", tmp_path)
     with pytest.raises(InputError, match="garbage: not UTF-8 text"):
         list(iter_builtin("fortunes"))
 
@@ -398,8 +400,8 @@ def test_manuals_loader_rejects_broken_pages(tmp_path, monkeypatch):
     listing = tmp_path / "manpages.list"
     listing.write_text("".join(f"/usr/share/man/man1/{page}\n" for page in
                                ("good.1.gz", "redirect.1.gz", "link.1.gz", "zz.1.gz")) + "/usr/share/man/man1\n")
-    monkeypatch.setattr(corpora, "MAN_DIR", tmp_path)
-    monkeypatch.setattr(corpora, "MAN_PACKAGE_LIST", listing)
+    monkeypatch.setattr(man, "MAN_DIR", tmp_path)
+    monkeypatch.setattr(man, "MAN_PACKAGE_LIST", listing)
     assert list(iter_builtin("manuals")) == [("manuals/man1/good.1", "GOOD 1\n\nNAME\ngood - fine")]
 
     (section / "zz.1.gz").write_bytes(b".TH PLAIN 1\nnot compressed\n")
