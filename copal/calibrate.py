@@ -1,4 +1,4 @@
-"""The layer-wise pass (SparseGPT/Wanda procedure) and the loss-gradient statistic.
+"""The layer-wise pass (SparseGPT/Wanda procedure).
 
 `prune_layerwise` captures the inputs of block 0 for the calibration batches,
 then for each block: load its base weights, run it with hooks that accumulate
@@ -15,7 +15,6 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from copal.methods import LayerInput, Statistic
 from copal.model import find_blocks, move_non_block_tensors, prunable_linears, set_weight_matrix, weight_matrix
@@ -152,34 +151,3 @@ def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: ty
         block.to("cpu")
         if progress:
             progress(index + 1, len(blocks))
-
-
-def loss_gradient_statistic(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
-                            names: list[str]) -> dict[str, torch.Tensor]:
-    """S_ij = Σ_batches |∂L/∂W_ij| of the language-model loss for the named layers
-    (COPAL's `loss` sensitivity): one backward pass through the whole model per
-    batch, so the whole model and its gradients sit on `device`."""
-    from copal.model import all_prunable
-
-    modules = all_prunable(model)
-    model.to(device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name in names:
-        modules[name].weight.requires_grad_(True)
-    sums = {name: torch.zeros_like(weight_matrix(modules[name]), dtype=torch.float32) for name in names}
-    try:
-        for batch in batches:
-            batch = batch.to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            for name in names:
-                module = modules[name]
-                grad = module.weight.grad
-                sums[name] += (grad.t() if isinstance(module, Conv1D) else grad).abs().float()
-                module.weight.grad = None
-    finally:
-        for name in names:
-            modules[name].weight.requires_grad_(False)
-        model.to("cpu")
-    return {name: value.cpu() for name, value in sums.items()}

@@ -26,15 +26,15 @@ import yaml
 
 from copal import masks as maskio
 from copal import metrics
-from copal.calibrate import loss_gradient_statistic, prune_layerwise
 from copal.config import RunConfig, build_config
 from copal.data import Domain, calibration_samples, evaluation_windows, ingest, parse_source
 from copal.errors import InputError
 from copal.masks import Structure
-from copal.methods import METHODS
+from copal.methods import build_method
 from copal.model import (DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer, resolve_device,
                          set_weight_matrix)
-from copal.regimes import StepPolicy
+from copal.regimes import REGIMES
+from copal.step import prune_step
 from copal.state import StepState, StepWriter, read_json, write_json
 
 log = logging.getLogger("copal")
@@ -228,7 +228,8 @@ class ContinualRun:
         self.domains: list[Domain] = []
         self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
         self.dense = DenseWeights(self.model, config.model)
-        self.method = METHODS[config.method]
+        self.method = build_method(config)
+        self.regime = REGIMES[config.regime]
         self.structure = Structure(config.sparsity, config.n_m, config.mask_scope)
         self._windows: dict[str, torch.Tensor] = {}
         self._samples: dict[str, torch.Tensor] = {}
@@ -280,14 +281,18 @@ class ContinualRun:
             self._windows[domain.name] = evaluation_windows(domain, self.tokenizer, ev.seqlen, ev.max_tokens)
         return self._windows[domain.name]
 
+    def seen_domains(self, pending: PendingStep) -> list[Domain]:
+        """The domains `pending`'s lineage has stepped on before it, in run order."""
+        names = {state.record["domain"] for state in self.dir.lineage(pending.parent.id)} if pending.parent else set()
+        return [domain for domain in self.domains if domain.name in names]
+
     def evaluated_domains(self, pending: PendingStep | None) -> list[Domain]:
         """Every domain of the run, or with `evaluation.domains: seen` only those
-        that `pending`'s lineage has calibrated on."""
+        that `pending`'s lineage has calibrated on, its own included."""
         if self.config.evaluation.domains == "all" or pending is None:
             return list(self.domains)
-        seen = {state.record["domain"] for state in self.dir.lineage(pending.parent.id)} if pending.parent else set()
-        seen.add(self.domains[pending.domain_index].name)
-        return [domain for domain in self.domains if domain.name in seen]
+        chosen = self.seen_domains(pending) + [self.domains[pending.domain_index]]
+        return [domain for domain in self.domains if domain in chosen]
 
     def evaluate(self, pending: PendingStep | None = None) -> dict[str, dict]:
         """PPL of the model as it is now, on the domains `evaluated_domains` names."""
@@ -349,38 +354,18 @@ class ContinualRun:
         return PendingStep(domain_index, step_id, parent, writer, memory, time.perf_counter())
 
     def calibrate(self, pending: PendingStep) -> None:
-        """The step's calibration sequences (joint: pooled over the lineage's domains too)."""
-        chosen = [self.domains[pending.domain_index]]
-        if self.config.regime == "joint":
-            seen = self.dir.lineage(pending.parent.id) if pending.parent else []
-            names = {state.record["domain"] for state in seen}
-            chosen = [d for d in self.domains if d.name in names and d is not chosen[0]] + chosen
+        """The step's calibration sequences, from the domains its regime chooses."""
+        current = self.domains[pending.domain_index]
+        chosen = self.regime.calibration_domains(current, self.seen_domains(pending))
         samples = torch.cat([self.samples(d) for d in chosen])
         pending.batches = list(samples.split(self.config.calibration.batch_size))
 
-    def _method_options(self) -> dict:
-        return self.config.sparsegpt.model_dump() if self.config.method == "sparsegpt" else {}
-
-    def _accumulate_options(self) -> dict:
-        if self.config.method == "copal":
-            return {"normalize": self.config.copal.normalize, "reduce": self.config.copal.reduce}
-        return {"normalize": True, "reduce": "sum"}
-
     def prune(self, pending: PendingStep) -> None:
-        """Update the statistic and apply masks, block by block, in place. The two
-        are interleaved: block k's statistic needs blocks < k already masked."""
+        """Update the statistic and apply masks, block by block, in place."""
         start = time.perf_counter()
-        statistic = self.method.statistic
-        policy = StepPolicy(self.method, self.config.regime, self.structure, self.dense, pending.parent,
-                            pending.writer, self._method_options(), self._accumulate_options())
-        if self.config.method == "copal" and self.config.copal.sensitivity == "loss":
-            modules = all_prunable(self.model)
-            for name, module in modules.items():
-                set_weight_matrix(module, policy.base_weight(name))
-            policy.precomputed = loss_gradient_statistic(self.model, pending.batches, self.device, list(modules))
-            statistic = None
-        prune_layerwise(self.model, pending.batches, statistic, policy, self.device,
-                        progress=lambda done, total: self.progress("prune blocks", done, total))
+        prune_step(self.model, pending.batches, self.method, self.regime, self.structure, self.dense,
+                   pending.parent, pending.writer, self.device,
+                   progress=lambda done, total: self.progress("prune blocks", done, total))
         pending.prune_seconds = time.perf_counter() - start
 
     def finish_step(self, pending: PendingStep, evaluation: dict[str, dict]) -> dict:

@@ -1,70 +1,93 @@
-"""Regimes: what the statistic and the weights are at step t.
+"""Regimes: what the weights and the statistic are at step t, one class each.
 
-| regime     | base weights       | statistic used for the score          |
-|------------|--------------------|---------------------------------------|
-| sequential | W_{t-1} (pruned)   | S_t; pruned weights stay pruned        |
-| reprune    | W0                 | S_t                                    |
-| accumulate | W0                 | C_t = C_{t-1} ⊕ S_t/scale(S_t)         |
-| joint      | W0                 | S over the pooled data of D_1..D_t     |
+| regime     | base weights       | statistic used for the score          | calibration data |
+|------------|--------------------|---------------------------------------|------------------|
+| sequential | W_{t-1} (pruned)   | S_t; pruned weights stay pruned        | D_t              |
+| reprune    | W0                 | S_t                                    | D_t              |
+| accumulate | W0                 | C_t = C_{t-1} ⊕ S_t/scale(S_t)         | D_t              |
+| joint      | W0                 | S over the pooled data of D_1..D_t     | D_1..D_t         |
 
-`StepPolicy` answers the layer-wise pass's two questions per layer (base
-weight; new weight given the fresh statistic) and records masks, the
-accumulated statistic and reconstructed weights into the step's writer.
+A regime answers the step's questions (which domains to calibrate on, the base
+weight, the statistic, what must stay pruned); `copal.step` asks them. Adding a
+regime is one class here and its line in `REGIMES` (and its name in
+copal.config's `regime` choices).
 """
+
+from typing import TypeVar
 
 import torch
 
-from copal.masks import Structure, check_fits
-from copal.methods import Method, accumulate
+from copal.methods import Method
 from copal.model import DenseWeights
 from copal.state import StepState, StepWriter
 
-REGIMES = ("sequential", "reprune", "accumulate", "joint")
+T = TypeVar("T")
 
 
-class StepPolicy:
-    def __init__(self, method: Method, regime: str, structure: Structure, dense: DenseWeights,
-                 parent: StepState | None, writer: StepWriter, method_options: dict,
-                 accumulate_options: dict, precomputed: dict[str, torch.Tensor] | None = None):
-        self.method = method
-        self.regime = regime
-        self.structure = structure
-        self.dense = dense
-        self.parent = parent
-        self.writer = writer
-        self.method_options = method_options
-        self.accumulate_options = accumulate_options
-        self.precomputed = precomputed
+class Regime:
+    """A regime's answers; these defaults are reprune's (W0, this step's statistic alone)."""
 
-    def base_weight(self, name: str) -> torch.Tensor:
-        if self.regime == "sequential" and self.parent is not None:
-            return self.parent.weight(name, self.dense)
-        return self.dense.get(name)
+    name: str
 
-    def _statistic(self, name: str, fresh: torch.Tensor | None) -> torch.Tensor | None:
-        if self.precomputed is not None:
-            fresh = self.precomputed.pop(name)
-        if self.regime != "accumulate" or fresh is None:
-            return fresh
-        previous = self.parent.sensitivity(name) if self.parent is not None else None
-        combined = accumulate(previous, fresh, self.method.statistic, **self.accumulate_options)
-        self.writer.sensitivity.add(name, combined)
+    def calibration_domains(self, current: T, seen: list[T]) -> list[T]:
+        """The domains whose calibration data this step uses: `current`, given the
+        domains its lineage has already stepped on (`seen`, in run order)."""
+        return [current]
+
+    def base_weight(self, name: str, dense: DenseWeights, parent: StepState | None) -> torch.Tensor:
+        return dense.get(name)
+
+    def forced_prune(self, name: str, parent: StepState | None) -> torch.Tensor | None:
+        """Positions that must be pruned whatever their score (None: none)."""
+        return None
+
+    def statistic(self, name: str, fresh: torch.Tensor | None, method: Method, parent: StepState | None,
+                  writer: StepWriter) -> torch.Tensor | None:
+        """The statistic the score uses, from this step's `fresh` one."""
+        return fresh
+
+
+class Reprune(Regime):
+    """Prune W0 afresh with this domain's statistic."""
+
+    name = "reprune"
+
+
+class Sequential(Regime):
+    """Prune the previous step's model: pruned weights stay pruned (weight stasis)."""
+
+    name = "sequential"
+
+    def base_weight(self, name, dense, parent):
+        return parent.weight(name, dense) if parent is not None else dense.get(name)
+
+    def forced_prune(self, name, parent):
+        return ~parent.mask(name) if parent is not None else None
+
+
+class Accumulate(Regime):
+    """Prune W0 with the statistic accumulated over every domain so far (COPAL's
+    regime); the accumulated statistic is recorded for the next step."""
+
+    name = "accumulate"
+
+    def statistic(self, name, fresh, method, parent, writer):
+        if fresh is None:
+            return None
+        previous = parent.sensitivity(name) if parent is not None else None
+        combined = method.combine(previous, fresh)
+        writer.sensitivity.add(name, combined)
         return combined
 
-    def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
-        check_fits(self.structure, name, tuple(base.shape))
-        stat = self._statistic(name, fresh)
-        forced = None
-        if self.regime == "sequential" and self.parent is not None:
-            forced = ~self.parent.mask(name)
-        mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name, **self.method_options)
-        if new_weight is not None:
-            new_weight = new_weight.to(base.dtype)
-            self.writer.weights.add(name, new_weight)
-        else:
-            new_weight = base * mask.to(base.device, base.dtype)
-        self.writer.add_mask(name, mask, new_weight)  # sparsity: the zeros of the weight the layer ends with
-        return new_weight
 
-    def finish_block(self, index: int) -> None:
-        self.writer.finish_block(index)
+class Joint(Regime):
+    """Prune W0 with the statistic of every domain's data pooled: keeps past data,
+    so an upper reference rather than a continual method."""
+
+    name = "joint"
+
+    def calibration_domains(self, current, seen):
+        return [domain for domain in seen if domain is not current] + [current]
+
+
+REGIMES: dict[str, Regime] = {regime.name: regime() for regime in (Sequential, Reprune, Accumulate, Joint)}

@@ -75,7 +75,8 @@ def _stable_sort_drop_lowest(score, count):
 @pytest.fixture
 def unoptimised(monkeypatch):
     """Switch the pass back to how it was: sort-based selection, no shared statistics."""
-    from copal import masks, methods, sparsegpt
+    from copal import masks, methods
+    from copal.methods import sparsegpt
 
     def apply():
         monkeypatch.setattr(masks, "drop_lowest", _stable_sort_drop_lowest)

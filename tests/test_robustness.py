@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, small_config
 from copal.masks import Structure
-from copal.methods import METHODS
-from copal.regimes import StepPolicy
-from copal.sparsegpt import sparsegpt_prune
+from copal.methods import Magnitude, SparseGPT
+from copal.methods.sparsegpt import sparsegpt_prune
+from copal.regimes import REGIMES
+from copal.step import StepPolicy
 
 LAYER = "model.layers.0.mlp.up_proj"
 
@@ -73,7 +74,7 @@ def test_sparsegpt_fails_clearly_when_dampening_cannot_help(copal_warnings):
 
 
 def test_step_policy_names_the_layer_whose_hessian_fails():
-    policy = StepPolicy(METHODS["sparsegpt"], "reprune", Structure(0.5), None, None, None, {}, {})
+    policy = StepPolicy(SparseGPT(), REGIMES["reprune"], Structure(0.5), None, None, None)
     with pytest.raises(torch.linalg.LinAlgError, match=f"^{LAYER}: SparseGPT cannot invert"):
         policy.prune_layer(LAYER, torch.ones(2, 2), torch.tensor([[1.0, 100.0], [100.0, 1.0]]))
 
@@ -112,8 +113,8 @@ def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
     x[:, 4:] = 0  # 12 of 16 inputs never fire
     hessian = x.t() @ x / x.shape[0]
     writer = StepWriter(tmp_path / "steps", 1)
-    policy = StepPolicy(METHODS["sparsegpt"], "reprune", Structure(0.5), None, None, writer,
-                        {"blocksize": 16, "dampening": 0.01}, {})
+    policy = StepPolicy(SparseGPT(blocksize=16, dampening=0.01), REGIMES["reprune"], Structure(0.5), None, None,
+                        writer)
     final = policy.prune_layer(LAYER, weight, hessian)
     mask, expected = sparsegpt_prune(weight, hessian, Structure(0.5), None, blocksize=16)
     assert torch.equal(final, expected)
@@ -128,7 +129,7 @@ def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
     # Methods that keep the weights: W0 ⊙ mask, so zeros of W0 the mask keeps count too.
     weight[0, :12] = 0
     writer = StepWriter(tmp_path / "steps", 2)
-    policy = StepPolicy(METHODS["magnitude"], "reprune", Structure(0.5), None, None, writer, {}, {})
+    policy = StepPolicy(Magnitude(), REGIMES["reprune"], Structure(0.5), None, None, writer)
     final = policy.prune_layer(LAYER, weight, None)
     assert writer.layer_sparsity()[LAYER] == (final == 0).sum().item() / final.numel() == (12 + 7 * 8) / 128
 

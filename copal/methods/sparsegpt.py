@@ -1,4 +1,4 @@
-"""SparseGPT's layer-wise OBS pruning with weight reconstruction.
+"""SparseGPT (Frantar & Alistarh, ICML 2023): layer-wise OBS pruning with weight reconstruction.
 
 Written from the paper (Frantar & Alistarh, ICML 2023, Algorithm 1): columns are
 processed left to right in blocks; within a block the mask is chosen from the
@@ -10,9 +10,45 @@ that add up to exactly round(s·in) per row, so every row ends at the target
 sparsity like the other methods (the paper thresholds per block instead).
 """
 
+import logging
+
 import torch
 
 from copal.masks import Structure, drop_lowest
+from copal.methods.base import Method, Statistic
+
+
+class Hessian(Statistic):
+    """H = Σ x xᵀ."""
+
+    input_only = True
+
+    @staticmethod
+    def value_shape(out_features, in_features):
+        return (in_features, in_features)
+
+    def add(self, inputs, y):
+        self.value.addmm_(inputs.x.t(), inputs.x)
+
+    @staticmethod
+    def scale(value):
+        return value.diagonal().mean()
+
+
+class SparseGPT(Method):
+    name = "sparsegpt"
+    statistic = Hessian
+
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01):
+        self.blocksize = blocksize
+        self.dampening = dampening
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.sparsegpt.blocksize, config.sparsegpt.dampening)
+
+    def prune(self, weight, stat, structure, forced_prune=None, layer=None):
+        return sparsegpt_prune(weight, stat, structure, forced_prune, self.blocksize, self.dampening, layer)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None = None,
@@ -23,8 +59,6 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None
     tokens, accumulated round-off) makes a Cholesky factorisation fail: then the
     dampening is raised tenfold, up to `retries` times, with a warning naming the
     layer; if it still fails, a LinAlgError says which layer and what was tried."""
-    import logging
-
     where = f"{layer}: " if layer else ""
     mean_diagonal = hessian.diagonal().mean()
     for attempt in range(retries + 1):

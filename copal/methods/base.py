@@ -1,0 +1,110 @@
+"""What every pruning method is made of: a statistic accumulated over calibration
+tokens, and a score that turns (weight, statistic) into a keep-mask.
+
+A `Statistic` sees every calibration token of one linear layer (its input `x`
+and output `y`) through a forward hook and keeps a running sum. A `Method`
+names its statistic, scores weights with it, and says how two domains'
+statistics combine (the `accumulate` regime). A method whose statistic needs
+the whole model at once (COPAL's loss gradient) computes it in
+`model_statistic` instead of through hooks.
+"""
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from copal.masks import Structure, select_mask
+
+
+class LayerInput:
+    """One calibration batch's input to a linear layer, (tokens, in) float32, and
+    what statistics derive from it, computed once for every layer that reads
+    the same input (q/k/v, gate/up)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self._abs: torch.Tensor | None = None
+
+    @property
+    def abs(self) -> torch.Tensor:
+        if self._abs is None:
+            self._abs = self.x.abs()
+        return self._abs
+
+
+class Statistic:
+    """Running sum over calibration tokens for one linear layer (out, in)."""
+
+    # True when the statistic is a function of the layer's input alone: layers
+    # that read the same input then share one accumulated value.
+    input_only = False
+
+    def __init__(self, shape: tuple[int, int], device: torch.device):
+        self.value = torch.zeros(self.value_shape(*shape), device=device)
+
+    @staticmethod
+    def value_shape(out_features: int, in_features: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def add(self, inputs: LayerInput, y: torch.Tensor) -> None:
+        """inputs.x: (tokens, in), y: (tokens, out), both float32."""
+        raise NotImplementedError
+
+    @staticmethod
+    def scale(value: torch.Tensor) -> torch.Tensor:
+        """The typical size of a value, used to give every domain equal weight."""
+        return value.mean()
+
+
+def accumulate(previous: torch.Tensor | None, fresh: torch.Tensor, scale: torch.Tensor | None,
+               reduce: str = "sum") -> torch.Tensor:
+    """C_t = C_{t-1} ⊕ S_t / scale(S_t) (no division when `scale` is None or not positive)."""
+    if scale is not None and scale > 0:
+        fresh = fresh / scale
+    if previous is None:
+        return fresh
+    previous = previous.to(fresh.device)
+    return previous + fresh if reduce == "sum" else torch.maximum(previous, fresh)
+
+
+class Method:
+    """A pruning method with its options. Subclasses set `name` and `statistic`
+    and implement `score` (or `prune`, when the kept weights change too)."""
+
+    name: ClassVar[str]
+    # Accumulated by hooks during the layer-wise pass; None: the score needs no
+    # per-layer statistic (magnitude), or `model_statistic` provides it.
+    statistic: type[Statistic] | None = None
+    # True: `model_statistic` computes the statistic (on the whole model, with the
+    # step's base weights in place) before the layer-wise pass.
+    whole_model = False
+
+    @classmethod
+    def from_config(cls, config) -> "Method":
+        """The method with the options a RunConfig gives it (default: none)."""
+        return cls()
+
+    def score(self, weight: torch.Tensor, stat: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, structure: Structure,
+              forced_prune: torch.Tensor | None = None,
+              layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep-mask, new weight or None when the kept weights are unchanged).
+        `layer`: the layer's name, for messages."""
+        return select_mask(self.score(weight.float(), stat), structure, forced_prune), None
+
+    def model_statistic(self, model: nn.Module, batches: list[torch.Tensor], device: torch.device,
+                        names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The statistic of every named layer from one whole-model computation on
+        the calibration batches (methods with `whole_model` set)."""
+        raise NotImplementedError
+
+    def combine(self, previous: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
+        """The accumulate regime's C_t from C_{t-1} and this domain's statistic:
+        normalised by its scale (each domain weighs the same) and summed."""
+        return accumulate(previous, fresh, self._scale(fresh))
+
+    def _scale(self, fresh: torch.Tensor) -> torch.Tensor:
+        return (self.statistic or Statistic).scale(fresh)

@@ -1,0 +1,71 @@
+"""One continual pruning step, in place on a model: `prune_step`.
+
+It reads only what it is given (the model, the calibration batches, the method,
+the regime, the dense weights, the parent step's recorded state) and writes the
+step's masks, accumulated statistic and reconstructed weights into a
+`StepWriter`; nothing here knows about run directories.
+"""
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from copal.calibrate import prune_layerwise
+from copal.masks import Structure, check_fits
+from copal.methods import Method
+from copal.model import DenseWeights, all_prunable, set_weight_matrix
+from copal.regimes import Regime
+from copal.state import StepState, StepWriter
+
+
+class StepPolicy:
+    """The layer-wise pass's questions for one step (copal.calibrate.LayerPolicy),
+    answered by the regime and the method; masks, statistics and new weights go
+    to the step's writer."""
+
+    def __init__(self, method: Method, regime: Regime, structure: Structure, dense: DenseWeights,
+                 parent: StepState | None, writer: StepWriter,
+                 precomputed: dict[str, torch.Tensor] | None = None):
+        self.method = method
+        self.regime = regime
+        self.structure = structure
+        self.dense = dense
+        self.parent = parent
+        self.writer = writer
+        self.precomputed = precomputed  # the method's whole-model statistic, if it has one
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        return self.regime.base_weight(name, self.dense, self.parent)
+
+    def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
+        check_fits(self.structure, name, tuple(base.shape))
+        if self.precomputed is not None:
+            fresh = self.precomputed.pop(name)
+        stat = self.regime.statistic(name, fresh, self.method, self.parent, self.writer)
+        forced = self.regime.forced_prune(name, self.parent)
+        mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name)
+        if new_weight is not None:
+            new_weight = new_weight.to(base.dtype)
+            self.writer.weights.add(name, new_weight)
+        else:
+            new_weight = base * mask.to(base.device, base.dtype)
+        self.writer.add_mask(name, mask, new_weight)  # sparsity: the zeros of the weight the layer ends with
+        return new_weight
+
+    def finish_block(self, index: int) -> None:
+        self.writer.finish_block(index)
+
+
+def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, regime: Regime,
+               structure: Structure, dense: DenseWeights, parent: StepState | None, writer: StepWriter,
+               device: torch.device, progress: Callable[[int, int], None] | None = None) -> None:
+    """Prune `model` in place for one step: calibration `batches` (the regime chose
+    their domains), `parent` the step it continues from (None: the first)."""
+    policy = StepPolicy(method, regime, structure, dense, parent, writer)
+    if method.whole_model:  # its statistic sees the whole model with the step's base weights
+        modules = all_prunable(model)
+        for name, module in modules.items():
+            set_weight_matrix(module, policy.base_weight(name))
+        policy.precomputed = method.model_statistic(model, batches, device, list(modules))
+    prune_layerwise(model, batches, method.statistic, policy, device, progress)
