@@ -12,6 +12,7 @@ set PREFECT_API_URL to use a Prefect server.
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, get_run_logger
@@ -24,9 +25,10 @@ from tasks.tracking import Tracker
 
 log = logging.getLogger("copal")
 
-# The command line's progress display; a process-wide setting, not a flow
-# parameter, because Prefect records flow parameters and a callback is not data.
-progress = None
+# A progress callback (what, done, total), e.g. the command line's display. As a
+# flow parameter it is recorded in Prefect as a placeholder ("<function>"): it is
+# not data, and Prefect stores what it cannot serialise that way.
+Progress = Callable[[str, int, int], None]
 
 
 def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
@@ -63,7 +65,8 @@ def _catch_up(run: ContinualRun, tracker: Tracker, publishing: list) -> None:
 
 
 @flow(name="copal-run")
-def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None) -> dict:
+def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
+                   progress: Progress | None = None) -> dict:
     """Every pending domain of the config, one step each."""
     run = steps.open_run(config, out, progress, data_dir)
     tracker = Tracker(run.dir, tracking_uri)
@@ -78,7 +81,8 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
 
 
 @flow(name="copal-step")
-def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None) -> dict:
+def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
+              progress: Progress | None = None) -> dict:
     """One more step on `data` for an existing run, continuing from its HEAD."""
     config, _ = RunDir(run_dir).require().read_config()
     run = steps.open_run(config, run_dir, progress, data_dir)

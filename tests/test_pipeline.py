@@ -121,7 +121,9 @@ def test_scheduled_step_takes_the_next_domain_from_the_queue(tmp_path, llama_dir
     from flows.continual import continual_flow, scheduled_step_flow
 
     _, config = _config(tmp_path, llama_dir, corpus_dir, name="sched", domains=("alpha",))
-    continual_flow(build_config(config), tmp_path / "run")
+    reports = []
+    continual_flow(build_config(config), tmp_path / "run", progress=lambda *report: reports.append(report))
+    assert ("prune blocks", 2, 2) in reports and any(what == "evaluate" for what, _, _ in reports)
     queue = tmp_path / "queue"
     queue.mkdir()
     (queue / "2-delta.txt").write_text((corpus_dir / "delta.txt").read_text())
