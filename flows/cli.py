@@ -120,19 +120,6 @@ TrackingUri = Annotated[Optional[str], typer.Option(
     help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db.")]
 
 
-@contextmanager
-def flow_progress():
-    """Route the library's progress reports into the Rich display during a flow."""
-    from flows import continual
-
-    with progress_bar() as report:
-        continual.progress = report
-        try:
-            yield
-        finally:
-            continual.progress = None
-
-
 @command
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="Run config (YAML). Default: the offline demo config.")] = None,
@@ -156,8 +143,8 @@ def run(
     from flows.continual import continual_flow
 
     api.ready()
-    with flow_progress():
-        metrics = continual_flow(cfg, root, tracking_uri)
+    with progress_bar() as report:
+        metrics = continual_flow(cfg, root, tracking_uri, progress=report)
     print_summary(metrics)
     err.print(f"run directory: {root}")
 
@@ -181,8 +168,8 @@ def step(
     from flows.continual import step_flow
 
     api.ready()
-    with flow_progress():
-        step_flow(data, run, tracking_uri)
+    with progress_bar() as report:
+        step_flow(data, run, tracking_uri, progress=report)
     directory = RunDir(run)
     print_summary(summarize(directory, directory.read_config()[0]))
 
