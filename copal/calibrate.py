@@ -4,7 +4,8 @@
 then for each block: load its base weights, run it with hooks that accumulate
 the method's statistic, ask the step policy for masks, apply them, and run the
 block again to produce the (pruned) inputs of the next block. Only one block,
-its activations and its statistics sit on the compute device at a time.
+its activations and its statistics sit on the compute device at a time; with
+a `copal.streaming.BlockStream` only one block's weights are in memory at all.
 
 What "base weights", "which statistic" and "forced pruning" mean at a given
 step is the regime's business: the pass asks a `LayerPolicy` for each layer.
@@ -122,11 +123,15 @@ class BlockStatistics:
 
 def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: type[Statistic] | None,
                     policy: LayerPolicy, device: torch.device,
-                    progress: Callable[[int, int], None] | None = None) -> None:
-    """Prune `model` in place, block by block (see module docstring)."""
+                    progress: Callable[[int, int], None] | None = None, stream=None) -> None:
+    """Prune `model` in place, block by block (see module docstring). With a
+    `stream` (copal.streaming.BlockStream) each block's parameters are read from
+    disk when its turn comes and released after it; the pruned weights then
+    live only in what the policy records."""
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, batches, device) if statistic else None
-    for index, block in enumerate(blocks):
+    for index in range(len(blocks)):
+        block = stream.load(index, device, prunable=False) if stream is not None else blocks[index]
         linears = {f"{prefix}.{index}.{name}": module for name, module in prunable_linears(block).items()}
         bases = {}
         for name, module in linears.items():
@@ -144,10 +149,13 @@ def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: ty
             del stats
         for name, module in linears.items():
             set_weight_matrix(module, policy.prune_layer(name, bases[name], fresh.get(name)))
-        del fresh
+        del fresh, bases
         policy.finish_block(index)
         if statistic and index + 1 < len(blocks):
             inputs = _run_block(block, inputs)
-        block.to("cpu")
+        if stream is not None:
+            stream.release(index)
+        else:
+            block.to("cpu")
         if progress:
             progress(index + 1, len(blocks))

@@ -22,12 +22,13 @@ from copal.domains import RunDomains
 from copal.errors import InputError
 from copal.masks import Structure
 from copal.methods import build_method
-from copal.model import (DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer, resolve_device,
-                         set_weight_matrix)
+from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
+                         resolve_device, set_weight_matrix)
 from copal.regimes import REGIMES
 from copal.rundir import RunDir, reconcile, summarize
 from copal.state import StepState, StepWriter, read_json, write_json
 from copal.step import prune_step
+from copal.streaming import load_streaming
 
 log = logging.getLogger("copal")
 
@@ -83,10 +84,18 @@ class ContinualRun:
     the Prefect flow calls the same pieces as separate tasks."""
 
     def __init__(self, config: RunConfig, root: Path, progress: Progress | None = None,
-                 data_dir: Path | None = None, readonly: bool = False, known_dense: dict[str, float] | None = None):
+                 data_dir: Path | None = None, readonly: bool = False, known_dense: dict[str, float] | None = None,
+                 streaming: bool | None = None):
         """`known_dense`: dense PPLs measured elsewhere under this same model and
         evaluation setting (the benchmark's cells share one), used instead of
-        measuring them again."""
+        measuring them again.
+
+        `streaming` (None: wherever possible): keep only the non-block tensors in
+        memory and read each block from the checkpoint when the pass or the
+        evaluation reaches it (copal.streaming). Not possible for a method with a
+        whole-model statistic, with `evaluation.tasks` (lm-eval runs the whole
+        model), or a checkpoint whose block tensors are not found under the
+        model's names (a hub id, renamed keys); those keep the model resident."""
         self.dir = RunDir(root)
         self.known_dense = dict(known_dense or {})
         self.progress = progress or (lambda what, done, total: None)
@@ -94,9 +103,16 @@ class ContinualRun:
         self.device = resolve_device(config.device)
         config, fingerprints = reconcile(self.dir, config)
         self.config = config
-        self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
-        self.dense = DenseWeights(self.model, config.model)
         self.method = build_method(config)
+        self.stream = None
+        loaded = None
+        if streaming is not False and not self.method.whole_model and not config.evaluation.tasks:
+            loaded = load_streaming(config.model, DTYPES[config.dtype], config.trust_remote_code)
+        if loaded is not None:
+            self.model, self.tokenizer, self.stream = loaded
+        else:
+            self.model, self.tokenizer = load_model(config.model, config.dtype, config.trust_remote_code)
+        self.dense = DenseWeights(self.model, config.model)
         self.regime = REGIMES[config.regime]
         self.structure = Structure(config.sparsity, config.n_m, config.mask_scope)
         self.domains = RunDomains(config, self.tokenizer, fingerprints, data_dir)
@@ -141,7 +157,7 @@ class ContinualRun:
         for index, domain in enumerate(chosen):
             self.progress("evaluate", index, len(chosen))
             ppl, tokens = metrics.perplexity(self.model, self.domains.windows(domain), self.device,
-                                             self.config.evaluation.batch_size)
+                                             self.config.evaluation.batch_size, self.stream)
             results[domain.name] = {"ppl": ppl, "tokens": tokens}
         self.progress("evaluate", len(chosen), len(chosen))
         if pending is not None and self.config.evaluation.tasks:
@@ -167,14 +183,16 @@ class ContinualRun:
         missing = [d for d in self.domains if d.name not in recorded and d.name not in known]
         recorded |= known
         tasks_missing = bool(self.config.evaluation.tasks) and not self.dir.dense_tasks_path.exists()
-        if missing or tasks_missing:  # the model in memory may be pruned: W0 back, once
+        if (missing or tasks_missing) and self.stream is None:  # the model in memory may be pruned: W0 back, once
             for name, module in all_prunable(self.model).items():
                 set_weight_matrix(module, self.dense.get(name))
+        if self.stream is not None:
+            self.stream.weights = None  # the checkpoint's own weights: W0
         if missing:
             for index, domain in enumerate(missing):
                 self.progress("evaluate dense", index, len(missing))
                 recorded[domain.name] = metrics.perplexity(self.model, self.domains.windows(domain), self.device,
-                                                           self.config.evaluation.batch_size)[0]
+                                                           self.config.evaluation.batch_size, self.stream)[0]
         if missing or known:
             write_json(self.dir.dense_path, recorded)
         if tasks_missing:
@@ -205,8 +223,10 @@ class ContinualRun:
         start = time.perf_counter()
         prune_step(self.model, pending.batches, self.method, self.regime, self.structure, self.dense,
                    pending.parent, pending.writer, self.device,
-                   progress=lambda done, total: self.progress("prune blocks", done, total))
+                   progress=lambda done, total: self.progress("prune blocks", done, total), stream=self.stream)
         pending.prune_seconds = time.perf_counter() - start
+        if self.stream is not None:  # the model is now the step's: W0 ⊙ mask, or its reconstructed weights
+            self.stream.weights = _written_weights(pending.writer, self.dense)
 
     def finish_step(self, pending: PendingStep, evaluation: dict[str, dict]) -> dict:
         """Write the step whole, make it HEAD, refresh metrics.json."""
@@ -226,7 +246,10 @@ class ContinualRun:
         }
         if pending.tasks is not None:
             record |= pending.tasks
-        pending.writer.commit(record)
+        final = pending.writer.commit(record)
+        if self.stream is not None:
+            state = StepState(final)
+            self.stream.weights = lambda name: state.weight(name, self.dense)
         self.dir.set_head(pending.step_id)
         self.write_metrics()
         return record
@@ -267,10 +290,13 @@ class ContinualRun:
             raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
                              f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
         recorded = {name: state.mask(name) for name in state.mask_names()}
+        current = self.stream.weights if self.stream is not None else None
         with tempfile.TemporaryDirectory() as scratch:
             pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
             self.calibrate(pending)
             self.prune(pending)
+            if self.stream is not None:
+                self.stream.weights = current
             return [name for name, packed in pending.writer.packed_masks.items()
                     if name not in recorded or not torch.equal(maskio.unpack(packed, recorded[name].shape),
                                                                recorded[name])] + \
@@ -282,3 +308,17 @@ class ContinualRun:
         return payload
 
 
+def _written_weights(writer: StepWriter, dense: DenseWeights):
+    """The weights a step being written ends with (what StepState.weight reads back
+    once it is committed): its reconstructed weights where it wrote some, else W0 ⊙ mask."""
+    from safetensors import safe_open
+
+    def weight(name: str) -> torch.Tensor:
+        stored = writer.weights.index.get(name)
+        if stored is not None:
+            with safe_open(str(writer.weights.folder / stored), "pt") as handle:
+                return handle.get_tensor(name)
+        base = dense.get(name)
+        return base * maskio.unpack(writer.packed_masks[name], tuple(writer.shapes[name])).to(base.dtype)
+
+    return weight

@@ -13,28 +13,49 @@ from torch import nn
 _LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> tuple[float, int]:
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8,
+               stream=None) -> tuple[float, int]:
     """exp(mean NLL) over every predicted token of the windows → (ppl, predicted tokens).
 
     Each window of `seqlen` tokens predicts its tokens 2..seqlen from the ones
     before (no context crosses windows). Batches shrink so that their logits
-    stay within a fixed memory budget whatever the vocabulary size."""
+    stay within a fixed memory budget whatever the vocabulary size.
+
+    With a `stream` (copal.streaming.BlockStream) the blocks are read from disk
+    one at a time and run over a chunk of windows each (the same batches, so
+    the same arithmetic); otherwise the resident model runs batch by batch."""
     vocab = model.get_output_embeddings().weight.shape[0]
     per_window = windows.shape[1] * vocab * 4
     batch_size = max(1, min(batch_size, _LOGITS_BUDGET_BYTES // per_window))
-    model.to(device)
     total_nll, total_tokens = 0.0, 0
+    if stream is not None:
+        from copal.streaming import chunk_windows, streamed_logits
+
+        chunk = chunk_windows(model, windows, batch_size, stream.dtype)
+        for start in range(0, len(windows), chunk):
+            batches = list(windows[start : start + chunk].split(batch_size))
+            for batch, logits in streamed_logits(model, stream, batches, device):
+                total_nll = _add_nll(total_nll, logits, batch)
+                total_tokens += batch[:, 1:].numel()
+                del logits
+        return math.exp(total_nll / total_tokens), total_tokens
+    model.to(device)
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            for row in range(len(batch)):  # row by row: no copy of the whole batch's logits
-                nll = nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
-                total_nll += float(nll)
+            total_nll = _add_nll(total_nll, logits, batch)
             total_tokens += batch[:, 1:].numel()
             del logits
     model.to("cpu")
     return math.exp(total_nll / total_tokens), total_tokens
+
+
+def _add_nll(total: float, logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """`total` plus the NLL of each row of a batch, row by row (no copy of the whole batch's logits)."""
+    for row in range(len(batch)):
+        total += float(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum"))
+    return total
 
 
 def bwt(ppl: list[list[float | None]], step_columns: list[int]) -> float | None:

@@ -37,6 +37,10 @@ def _check_model_dir(path: Path) -> None:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise InputError(f"{path}: only pickle weights (*.bin); copal loads safetensors only")
         raise InputError(f"{path}: no model weights (*.safetensors)")
+    from copal.streaming import read_header
+
+    for file in sorted(path.glob("*.safetensors")):  # headers only: a truncated shard fails here, in seconds
+        read_header(file)
 
 
 def check_model_location(location: str) -> None:
@@ -219,7 +223,12 @@ class DenseWeights:
         from safetensors import safe_open
 
         module = self._modules[name]
-        with safe_open(str(self._files[name]), "pt") as handle:
-            tensor = handle.get_tensor(f"{name}.weight")
+        try:
+            with safe_open(str(self._files[name]), "pt") as handle:
+                tensor = handle.get_tensor(f"{name}.weight")
+        except Exception as error:  # safetensors raises its own error type for corrupt files
+            if type(error).__name__ != "SafetensorError" and not isinstance(error, OSError):
+                raise
+            raise InputError(f"{self._files[name]}: corrupt weights file ({error})") from None
         tensor = tensor.to(module.weight.dtype)
         return tensor.t().contiguous() if isinstance(module, Conv1D) else tensor

@@ -59,13 +59,17 @@ class StepPolicy:
 
 def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, regime: Regime,
                structure: Structure, dense: DenseWeights, parent: StepState | None, writer: StepWriter,
-               device: torch.device, progress: Callable[[int, int], None] | None = None) -> None:
+               device: torch.device, progress: Callable[[int, int], None] | None = None, stream=None) -> None:
     """Prune `model` in place for one step: calibration `batches` (the regime chose
-    their domains), `parent` the step it continues from (None: the first)."""
+    their domains), `parent` the step it continues from (None: the first).
+    `stream`: the model's blocks are streamed (copal.streaming); a method with a
+    whole-model statistic needs the resident model."""
+    if method.whole_model and stream is not None:
+        raise ValueError(f"{type(method).__name__}: a whole-model statistic needs the resident model, not a stream")
     policy = StepPolicy(method, regime, structure, dense, parent, writer)
     if method.whole_model:  # its statistic sees the whole model with the step's base weights
         modules = all_prunable(model)
         for name, module in modules.items():
             set_weight_matrix(module, policy.base_weight(name))
         policy.precomputed = method.model_statistic(model, batches, device, list(modules))
-    prune_layerwise(model, batches, method.statistic, policy, device, progress)
+    prune_layerwise(model, batches, method.statistic, policy, device, progress, stream)
