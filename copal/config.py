@@ -50,6 +50,19 @@ class CopalOptions(_Strict):
     sensitivity: Literal["output", "loss"] = "output"
     normalize: bool = True
     reduce: Literal["sum", "max"] = "sum"
+    # METHOD.md's `reconstruct`: COPAL's mask, then SparseGPT's OBS update of the
+    # kept weights from the accumulated Hessian (sparsegpt's blocksize and dampening).
+    reconstruct: bool = False
+
+    @model_validator(mode="after")
+    def _reconstruct_needs_layer_statistics(self) -> "CopalOptions":
+        if self.reconstruct and self.sensitivity == "loss":
+            raise ValueError("reconstruct accumulates each layer's Hessian in the layer-wise pass; "
+                             "it needs sensitivity: output")
+        if self.reconstruct and self.reduce == "max":
+            raise ValueError("reconstruct sums Hessians over domains (an elementwise max of Hessians is not one); "
+                             "it needs reduce: sum")
+        return self
 
 
 class SparseGPTOptions(_Strict):

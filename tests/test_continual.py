@@ -117,6 +117,29 @@ def test_loss_sensitivity_variant_runs_and_differs_from_output(tmp_path, data_di
     assert all(((~loss[n]).sum(1) == loss[n].shape[1] // 2).all() for n in loss)
 
 
+def test_reconstruct_variant_keeps_copals_masks_and_replays(tmp_path, data_dir, llama_dir, corpus_dir):
+    """copal.reconstruct: block 0 gets exactly plain COPAL's masks (the sensitivity
+    part of its statistic is COPAL's; later blocks see the reconstructed earlier
+    blocks' outputs), every layer's kept weights are updated, replay is bit-identical."""
+    _run(tmp_path / "plain", llama_dir, corpus_dir)
+    config = build_config(small_config(llama_dir, corpus_dir, copal={"reconstruct": True}))
+    run = ContinualRun(config, tmp_path / "rec")
+    run.run()
+    plain, rebuilt = _all_masks(tmp_path / "plain", 3), _all_masks(tmp_path / "rec", 3)
+    first = [n for n in plain if ".layers.0." in n]
+    assert first and all(torch.equal(plain[n], rebuilt[n]) for n in first)
+    assert all(((~rebuilt[n]).sum(1) == rebuilt[n].shape[1] // 2).all() for n in rebuilt)
+    state = RunDir(tmp_path / "rec").step(3)
+    dense = {name: weight_matrix(module) for name, module in all_prunable(load_model(str(llama_dir))[0]).items()}
+    changed = [n for n in plain if not torch.equal(state.weight(n, run.dense), dense[n] * plain[n])]
+    assert changed == list(plain)  # every layer's kept weights were updated
+    assert run.replay(3) == []
+    for bad, needle in (({"reconstruct": True, "sensitivity": "loss"}, "needs sensitivity: output"),
+                        ({"reconstruct": True, "reduce": "max"}, "needs reduce: sum")):
+        with pytest.raises(Exception, match=needle):
+            build_config(small_config(llama_dir, corpus_dir, copal=bad))
+
+
 def test_interrupted_run_resumes_at_first_unrecorded_step(tmp_path, data_dir, llama_dir, corpus_dir):
     config = build_config(small_config(llama_dir, corpus_dir))
     run = ContinualRun(config, tmp_path / "run")

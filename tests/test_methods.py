@@ -97,3 +97,36 @@ def test_layers_reading_one_input_share_their_statistic_work(llama_dir):
             model(input_ids=batch)
         alone.close()
         assert torch.equal(alone.values()["self_attn.v_proj"], values["self_attn.v_proj"])
+
+
+def test_sparsegpt_given_its_own_mask_reconstructs_the_same_weights():
+    """The fixed-mask path (COPAL's reconstruct variant) is SparseGPT's OBS update."""
+    from copal.methods.sparsegpt import sparsegpt_prune
+
+    weight, x = _layer(6)
+    hessian = _stat(Hessian, weight, x)
+    for structure in (Structure(0.5), Structure(0.5, (2, 4))):
+        mask, reconstructed = sparsegpt_prune(weight, hessian, structure, None, blocksize=16)
+        again, rebuilt = sparsegpt_prune(weight, hessian, structure, None, blocksize=16, keep=mask)
+        assert torch.equal(again, mask) and torch.equal(rebuilt, reconstructed)
+
+
+def test_copal_reconstruct_keeps_copals_mask_and_lowers_the_output_error():
+    from copal.methods.copal import SensitivityAndHessian, split_hessian
+
+    weight, x = _layer(7)
+    stacked = _stat(SensitivityAndHessian, weight, x)
+    sensitivity, hessian = split_hessian(stacked)
+    assert torch.allclose(sensitivity, _stat(OutputSensitivity, weight, x), rtol=1e-6)
+    assert torch.allclose(hessian, _stat(Hessian, weight, x), rtol=1e-6)
+    for structure in (Structure(0.5), Structure(0.5, (2, 4))):
+        plain, _ = Copal().prune(weight, sensitivity, structure)
+        mask, rebuilt = Copal(reconstruct=True, blocksize=16).prune(weight, stacked, structure)
+        assert torch.equal(mask, plain) and (rebuilt[~mask] == 0).all()
+        assert (x @ (weight - rebuilt).t()).norm() < (x @ (weight * plain).t() - x @ weight.t()).norm()
+    # accumulate: each part normalised by its own scale, then summed
+    combined = Copal(reconstruct=True).combine(None, stacked)
+    s, h = split_hessian(combined)
+    assert torch.allclose(s.mean(), torch.tensor(1.0)) and torch.allclose(h.diagonal().mean(), torch.tensor(1.0))
+    twice = Copal(reconstruct=True).combine(combined, stacked * 3)
+    assert torch.allclose(twice, 2 * combined)

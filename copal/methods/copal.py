@@ -3,14 +3,18 @@
 Two sensitivities (METHOD.md): `output`, |∂(½‖y‖²)/∂W| summed per token, from
 each layer's own input and output during the layer-wise pass; and `loss`, the
 language-model loss's gradient |∂L/∂W|, which needs a backward pass through the
-whole model. `normalize` and `reduce` say how domains combine.
+whole model. `normalize` and `reduce` say how domains combine. `reconstruct`
+(METHOD.md) keeps COPAL's mask and gives the kept weights SparseGPT's OBS update
+from the Hessian accumulated the same way.
 """
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from copal.masks import select_mask
 from copal.methods.base import Method, Statistic, accumulate
+from copal.methods.sparsegpt import Hessian, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 
 
@@ -24,6 +28,27 @@ class OutputSensitivity(Statistic):
 
     def add(self, inputs, y):
         self.value.addmm_(y.abs().t(), inputs.abs)
+
+
+class SensitivityAndHessian(Statistic):
+    """The output sensitivity S (out, in) stacked on the input Hessian H = Σ x xᵀ
+    (in, in), one (out + in, in) tensor: what the `reconstruct` variant needs
+    (S chooses the mask, H reconstructs the kept weights)."""
+
+    @staticmethod
+    def value_shape(out_features, in_features):
+        return (out_features + in_features, in_features)
+
+    def add(self, inputs, y):
+        sensitivity, hessian = split_hessian(self.value)
+        sensitivity.addmm_(y.abs().t(), inputs.abs)
+        hessian.addmm_(inputs.x.t(), inputs.x)
+
+
+def split_hessian(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, H) views of a SensitivityAndHessian value."""
+    rows = stacked.shape[0] - stacked.shape[1]
+    return stacked[:rows], stacked[rows:]
 
 
 def loss_gradient_statistic(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
@@ -55,25 +80,49 @@ def loss_gradient_statistic(model: nn.Module, batches: list[torch.Tensor], devic
     return {name: value.cpu() for name, value in sums.items()}
 
 
+def _normalised(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return value / scale if scale > 0 else value
+
+
 class Copal(Method):
     name = "copal"
 
-    def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum"):
+    def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum",
+                 reconstruct: bool = False, blocksize: int = 128, dampening: float = 0.01):
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
-        self.statistic = OutputSensitivity if sensitivity == "output" else None
+        self.reconstruct = reconstruct
+        self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
+        if sensitivity == "loss":
+            self.statistic = None
+        else:
+            self.statistic = SensitivityAndHessian if reconstruct else OutputSensitivity
         self.whole_model = sensitivity == "loss"
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config.copal.model_dump())
+        return cls(**config.copal.model_dump(), blocksize=config.sparsegpt.blocksize,
+                   dampening=config.sparsegpt.dampening)
 
     def score(self, weight, stat):
         return weight.abs() * stat
+
+    def prune(self, weight, stat, structure, forced_prune=None, layer=None):
+        if not self.reconstruct:
+            return super().prune(weight, stat, structure, forced_prune, layer)
+        sensitivity, hessian = split_hessian(stat)
+        keep = select_mask(self.score(weight.float(), sensitivity), structure, forced_prune)
+        return sparsegpt_prune(weight, hessian, structure, forced_prune, self.blocksize, self.dampening, layer, keep)
 
     def model_statistic(self, model, batches, device, names):
         return loss_gradient_statistic(model, batches, device, names)
 
     def combine(self, previous, fresh):
+        if self.reconstruct:  # each part normalised by its own scale, as copal and sparsegpt do alone
+            sensitivity, hessian = split_hessian(fresh)
+            if self.normalize:
+                fresh = torch.cat([_normalised(sensitivity, OutputSensitivity.scale(sensitivity)),
+                                   _normalised(hessian, Hessian.scale(hessian))])
+            return accumulate(previous, fresh, None, self.reduce)
         return accumulate(previous, fresh, self._scale(fresh) if self.normalize else None, self.reduce)

@@ -83,7 +83,11 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Structure,
                     forced_prune: torch.Tensor | None, blocksize: int = 128,
-                    dampening: float = 0.01, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    dampening: float = 0.01, layer: str | None = None,
+                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep-mask, reconstructed weight). `keep`: a mask chosen elsewhere; then only
+    the OBS update runs, spreading each pruned weight's error over the columns
+    still to come (COPAL's `reconstruct` variant)."""
     weight = weight.detach().float().clone()
     hessian = hessian.float().clone()
     rows, cols = weight.shape
@@ -91,9 +95,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
     hessian[dead, dead] = 1
     weight[:, dead] = 0
     hinv = _inverse_cholesky(hessian, dampening, layer)
-    keep = torch.ones_like(weight, dtype=torch.bool)
+    chosen, keep = keep, torch.ones_like(weight, dtype=torch.bool)
     forced = forced_prune if forced_prune is not None else torch.zeros_like(keep)
-    n_m = structure.n_m
+    n_m = None if chosen is not None else structure.n_m
 
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -102,7 +106,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
         diag = hinv_block.diagonal()
         errors = torch.zeros_like(block)
         block_keep = torch.ones_like(block, dtype=torch.bool)
-        if n_m is None:
+        if chosen is not None:
+            block_keep = chosen[:, start:end].clone()
+        elif n_m is None:
             saliency = (block.square() / diag.square()).masked_fill(forced[:, start:end], float("-inf"))
             if structure.scope == "layer":
                 count = int(round(structure.sparsity * rows * end)) - int(round(structure.sparsity * rows * start))
