@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from copal import bench
+from copal import grid as bench
 from copal.config import BENCH_CONFIG, load_config
 
 DEFAULT_CELLS = ("copal-accumulate-u50", "wanda-accumulate-u50", "sparsegpt-accumulate-u50", "wanda-reprune-u50",
@@ -41,10 +41,8 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         seeded = base.model_copy(update={"calibration": base.calibration.model_copy(update={"seed": seed})})
         out = args.grid if seed == base.calibration.seed else args.grid / "seeds" / f"seed{seed}"
-        failures = bench.run_grid(seeded, cells, out, jobs=1)
-        if failures:
-            raise SystemExit(f"cells failed for seed {seed}: {failures}")
-        for cell in cells:
+        for cell in cells:  # one at a time, in this process (resumes what is recorded)
+            bench.run_cell(bench.cell_config(seeded, cell), bench.cell_dir(out, cell), None, None)
             metrics = json.loads((bench.cell_dir(out, cell) / "metrics.json").read_text())
             results[cell.id][seed] = {"avg_ppl": metrics["avg_ppl"], "bwt": metrics["bwt"]}
     summary = {}

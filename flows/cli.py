@@ -405,11 +405,15 @@ def bench(
                                                         "evaluation data: a smoke test of a few minutes.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: reports (reports/quick with "
                                                      "--quick).")] = None,
-    jobs: Annotated[Optional[int], typer.Option(help="Cells run at once. Default: as many as fit in the "
-                                                     "available memory, at most one per core.")] = None,
+    runner: Annotated[str, typer.Option(help="Where the cells run: local (this machine), ray://HOST:PORT (a Ray "
+                                             "cluster's client port) or dask://HOST:PORT (a Dask scheduler). "
+                                             "A cluster needs PREFECT_API_URL (a Prefect server).")] = "local",
+    jobs: Annotated[Optional[int], typer.Option(help="Cells run at once (--runner local). Default: as many as "
+                                                     "fit in the available memory, at most one per core.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Base run config (model, domains, calibration, "
                                                         "evaluation). Default: configs/bench.yaml (the demo's "
                                                         "sequence, lighter evaluation).")] = None,
+    tracking_uri: TrackingUri = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
     """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
@@ -418,16 +422,24 @@ def bench(
     accumulate, joint × structures 50 % unstructured, 2:4, 4:8, plus a 60/70 % sparsity sweep
     for magnitude, wanda and copal, the COPAL variants (loss sensitivity, no normalisation,
     max) at 50 and 70 %, and the dense model, on the config's domain sequence. A `grid:`
-    section in the config narrows or widens this (structures, sweep, variants) and can add
-    lm-eval task accuracy of chosen cells' final models (configs/smollm2.yaml shows every key).
-    Magnitude uses no data, so it runs once per structure. One cell per method runs alone
-    first, for the cost comparison. Each cell is a run in OUT/cells/<cell>: an interrupted
-    grid resumes where it stopped and finished cells are not recomputed."""
-    from copal.bench import run_benchmark
+    section in the config narrows or widens this (structures, sweep, variants, cells), sets
+    each cell's resources (cpus, memory_gb, gpus) and can add lm-eval task accuracy of
+    chosen cells' final models (configs/smollm2.yaml shows the keys). Magnitude uses no
+    data, so it runs once per structure. One cell per method runs alone first, for the cost
+    comparison. The grid is a Prefect flow, each cell a task and an MLflow child run of the
+    grid's run; each cell is a run in OUT/cells/<cell>: an interrupted grid resumes where it
+    stopped and finished cells are not recomputed."""
+    api = TemporaryApi() if runner == "local" else None
+    from flows import bench as bench_flow
 
     _setup_logging(verbose)
     with progress_bar() as report:
-        summary, written = run_benchmark(config, out, quick, jobs, progress=report)
+        bench_flow.progress = report
+        try:
+            summary, written = bench_flow.run_benchmark(config, out, quick, jobs, runner=runner,
+                                                        tracking_uri=tracking_uri, api=api)
+        finally:
+            bench_flow.progress = None
     fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     table = Table(title="benchmark cells")
     for column in ("cell", "avg PPL", "BWT", "s/step", "peak MB"):

@@ -7,9 +7,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY_TASK, assert_one_line_error, small_config
-from copal import bench, plots
+from copal import bench_report as report, grid as bench, plots
 from copal.config import METHODS, PROJECT_ROOT, REGIMES, build_config
 from copal.continual import ContinualRun
+from flows import bench as flow
 from flows.cli import app
 
 
@@ -18,23 +19,32 @@ def _tiny_config(llama_dir, corpus_dir) -> dict:
                         calibration={"nsamples": 4}, evaluation={"max_tokens": 512})
 
 
+def run_grid(base, cells, out, jobs=None, data_dir=None, progress=None, grid=bench.Grid(), alone=None):
+    """The grid's flow on the local runner, as `copal bench` runs it."""
+    flow.progress = progress
+    try:
+        return flow.bench_flow(base, grid, cells, out, "local", jobs, data_dir, alone=alone)
+    finally:
+        flow.progress = None
+
+
 def _mtimes(folder):
     return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, llama_dir, corpus_dir):
+def grid(tmp_path_factory, llama_dir, corpus_dir, prefect_api):
     """The quick grid's cells on two domains: the first in this process, the others in two workers."""
     root = tmp_path_factory.mktemp("bench")
     raw = _tiny_config(llama_dir, corpus_dir)
     base = bench.quick_config(build_config(raw))
     cells = bench.quick_grid()
     out, data_dir = root / "out", root / "arrow"
-    assert bench.run_grid(base, cells[:1], out, jobs=1, data_dir=data_dir) == {}
+    assert run_grid(base, cells[:1], out, jobs=1, data_dir=data_dir) == {}
     first = _mtimes(bench.cell_dir(out, cells[0]))
     reports = []
-    failures = bench.run_grid(base, cells, out, jobs=2, data_dir=data_dir,
-                              progress=lambda what, done, total: reports.append((what, done, total)))
+    failures = run_grid(base, cells, out, jobs=2, data_dir=data_dir, alone=[],
+                        progress=lambda what, done, total: reports.append((what, done, total)))
     assert failures == {}
     return {"root": root, "raw": raw, "base": base, "cells": cells, "out": out, "data_dir": data_dir,
             "first": first, "reports": reports}
@@ -50,14 +60,14 @@ def test_finished_cells_are_skipped(grid):
     assert grid["reports"][0] == ("cells", 1, 3) and grid["reports"][-1] == ("cells", 3, 3)
     before = _mtimes(out / "cells")
     reports = []
-    assert bench.run_grid(grid["base"], cells, out, jobs=2, data_dir=grid["data_dir"],
+    assert run_grid(grid["base"], cells, out, jobs=2, data_dir=grid["data_dir"],
                           progress=lambda *report: reports.append(report)) == {}
     assert _mtimes(out / "cells") == before
     assert reports == [("cells", 3, 3)]
 
 
 def test_summary_holds_each_cells_recorded_metrics(grid):
-    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"])
     assert summary["missing"] == []
     assert [c["id"] for c in summary["cells"]] == ["wanda-reprune-u50", "sparsegpt-reprune-u50",
                                                    "copal-accumulate-u50"]
@@ -74,8 +84,8 @@ def test_summary_holds_each_cells_recorded_metrics(grid):
 
 
 def test_markdown_tables_show_the_recorded_values(grid):
-    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
-    text = bench.write_markdown(summary, ["bwt.png"])
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    text = report.write_markdown(summary, ["bwt.png"])
     fmt = plots.format_value
     for cell in grid["cells"]:
         recorded = _metrics(grid, cell)
@@ -88,8 +98,8 @@ def test_markdown_tables_show_the_recorded_values(grid):
 
 
 def test_plots_are_written(grid, tmp_path):
-    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"])
-    written = bench.write_plots(summary, tmp_path)
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"])
+    written = report.write_plots(summary, tmp_path)
     assert sorted(p.name for p in written) == ["avg_ppl.png", "bwt.png", "ppl_matrix-copal-accumulate-u50.png",
                                                "ppl_matrix-wanda-reprune-u50.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 5000 for p in written)
@@ -166,7 +176,7 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                          cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0),
                          cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss")],
                "missing": ["wanda-reprune-u50"]}
-    text = bench.write_markdown(summary)
+    text = report.write_markdown(summary)
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
     assert "| dense | – | 6.00 | – | 6.00 | – |" in text
     assert "| magnitude | any¹ |  |  | 99.00 | 0.00 |" in text
@@ -193,11 +203,11 @@ def test_default_jobs_fits_memory_and_cores():
 
 
 def test_cost_cells_run_alone_first_and_every_cell_shares_one_dense_row(tmp_path, llama_dir, corpus_dir,
-                                                                          monkeypatch):
+                                                                          monkeypatch, prefect_api):
     base = bench.quick_config(build_config(_tiny_config(llama_dir, corpus_dir)))
     cells = [bench.Cell("wanda", "sequential"), bench.Cell("copal", "accumulate"), bench.Cell("magnitude", "reprune")]
     order, measured = [], []
-    real_run_cell, real_dense = bench._run_cell, ContinualRun.dense_ppl
+    real_run_cell, real_dense = flow.run_cell, ContinualRun.dense_ppl
 
     def run_cell(config, root, data_dir, threads, progress=None, known_dense=None):
         order.append((config.name, known_dense is not None))
@@ -208,11 +218,11 @@ def test_cost_cells_run_alone_first_and_every_cell_shares_one_dense_row(tmp_path
         measured.append(not before)
         return real_dense(run)
 
-    monkeypatch.setattr(bench, "_run_cell", run_cell)
+    monkeypatch.setattr(flow, "run_cell", run_cell)
     monkeypatch.setattr(ContinualRun, "dense_ppl", dense_ppl)
     alone = bench.cost_cells(cells)
     assert alone == [bench.Cell("magnitude", "reprune"), bench.Cell("copal", "accumulate")]
-    assert bench.run_grid(base, cells, tmp_path / "out", jobs=1, data_dir=tmp_path / "arrow", alone=alone) == {}
+    assert run_grid(base, cells, tmp_path / "out", jobs=1, data_dir=tmp_path / "arrow") == {}
     assert order == [("magnitude-reprune-u50", False), ("copal-accumulate-u50", True),
                      ("wanda-sequential-u50", True)]
     assert measured == [True, False, False]
@@ -276,8 +286,8 @@ def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task)
     before = _mtimes(grid["out"] / "tasks")
     assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"]) == accuracy
     assert _mtimes(grid["out"] / "tasks") == before  # measured once
-    summary = bench.summarize_grid(grid["base"], grid["cells"], grid["out"]) | {"accuracy": accuracy}
-    text = bench.write_markdown(summary)
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]) | {"accuracy": accuracy}
+    text = report.write_markdown(summary)
     dense = accuracy["dense"][TINY_TASK]
     assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text
     assert "| wanda/reprune, 50 % unstructured |" in text and "the first 6 items" in text

@@ -1,0 +1,456 @@
+"""`copal bench` as a Prefect flow: each cell of the grid (copal/grid.py) is a task
+that does one continual run and returns its run directory; each cell is an MLflow
+child run under one parent run for the grid; the report (copal/bench_report.py)
+is written from the cells' directories once they have run.
+
+Where the cells run is the flow's task runner:
+
+* `local` (the default): Prefect's thread-pool runner in this process. Cells run
+  alone (the cost cells, and the first cell when nothing tells how much memory a
+  cell takes) run in this process with every core; the others run in a pool of
+  spawned processes, as many at once as fit in memory (or --jobs), sharing the
+  cores. A thread waits on each process, so Prefect sees every cell as a task
+  and only this process talks to Prefect's API.
+* `ray://HOST:PORT`: prefect-ray's RayTaskRunner on an existing Ray cluster
+  (Ray Client); each cell reserves `grid.resources` (num_cpus, memory, num_gpus).
+* `dask://HOST:PORT`: prefect-dask's DaskTaskRunner on an existing Dask scheduler;
+  each cell asks for the abstract worker resources CPU, MEMORY (bytes) and GPU
+  that it needs (workers declare them with `--resources`).
+
+On a cluster, the workers write the cells' directories: OUT, the data cache and
+the model must be at the same paths there (a shared file system), and the
+workers need copal installed and a Prefect server (PREFECT_API_URL) to report to.
+MLflow is written only from this process, from what the cells recorded on disk.
+"""
+
+import json
+import logging
+import os
+import socket
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from copal.atomic import write_atomic
+from copal.bench_report import summarize_grid, write_markdown, write_plots
+from copal.config import RunConfig
+from copal.errors import InputError
+from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
+                        default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
+                        shared_dense)
+
+log = logging.getLogger("copal")
+
+# The command line's progress display (a callback is not a flow parameter; see flows/continual.py).
+progress = None
+# The local runner's process pool for the cells that run in parallel (set while the flow runs).
+_pool: ProcessPoolExecutor | None = None
+RUNNER_FORMS = "local, ray://HOST:PORT or dask://HOST:PORT"
+# Passed to Ray workers with the job (Dask workers keep their own environment).
+WORKER_ENV = ("PREFECT_API_URL", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
+              "COPAL_DATA_DIR")
+
+
+@dataclass(frozen=True)
+class Runner:
+    kind: str  # local | ray | dask
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "local" else f"{self.kind}://{self.host}:{self.port}"
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind != "local"
+
+
+def parse_runner(text: str) -> Runner:
+    if text == "local":
+        return Runner("local")
+    scheme, separator, rest = text.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme not in ("ray", "dask") or not separator or not host or not port.isdigit() or "/" in rest:
+        raise InputError(f"--runner {text}: expected {RUNNER_FORMS}")
+    return Runner(scheme, host.strip("[]"), int(port))
+
+
+def check_runner(runner: Runner) -> None:
+    """Before anything runs: the cluster answers, and there is a Prefect server its workers can report to."""
+    if not runner.cluster:
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        socket.create_connection((runner.host, runner.port), timeout=5).close()
+    except OSError as error:
+        raise InputError(f"--runner {runner}: cannot connect to {runner.host}:{runner.port} "
+                         f"({error.strerror or error}); is the {runner.kind} head/scheduler running there?") from None
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise InputError(f"--runner {runner}: the workers need a Prefect server to report to (each would "
+                         "otherwise start a temporary one of its own): run `prefect server start --host 0.0.0.0` "
+                         "and set PREFECT_API_URL=http://SERVER:4200/api here")
+    from urllib.request import urlopen
+
+    try:
+        urlopen(url.rstrip("/") + "/health", timeout=10).close()
+    except (OSError, ValueError) as error:
+        raise InputError(f"PREFECT_API_URL={url}: the Prefect server does not answer ({error})") from None
+
+
+def task_runner(runner: Runner, cells: int):
+    if runner.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
+        from prefect.settings import PREFECT_API_URL
+
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        return RayTaskRunner(address=f"ray://{runner.host}:{runner.port}",
+                             init_kwargs={"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING})
+    if runner.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=f"tcp://{runner.host}:{runner.port}")
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max(1, cells))
+
+
+def _describe(resources: Resources) -> str:
+    return (f"grid.resources: cpus {resources.cpus or 1}, memory_gb {resources.memory_gb or 0:g}, "
+            f"gpus {resources.gpus:g}")
+
+
+def _dask_request(resources: Resources) -> dict[str, float]:
+    request = {}
+    if resources.cpus:
+        request["CPU"] = resources.cpus
+    if resources.memory_gb:
+        request["MEMORY"] = resources.memory_gb * 2**30
+    if resources.gpus:
+        request["GPU"] = resources.gpus
+    return request
+
+
+def check_cluster_resources(runner: Runner, resources: Resources, dask_client=None) -> None:
+    """A request that no worker can meet would wait forever: fail now instead."""
+    if runner.kind == "ray":
+        import ray
+
+        need = {"CPU": resources.cpus or 1, "memory": (resources.memory_gb or 0) * 2**30, "GPU": resources.gpus}
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        if any(all(node.get(key, 0) >= value for key, value in need.items()) for node in nodes):
+            return
+        have = "; ".join(f"CPU {node.get('CPU', 0):g}, memory {node.get('memory', 0) / 2**30:.1f} GB, "
+                         f"GPU {node.get('GPU', 0):g}" for node in nodes) or "no live node"
+        raise InputError(f"--runner {runner}: no Ray node can run a cell ({_describe(resources)}); "
+                         f"the nodes have: {have}")
+    if runner.kind == "dask":
+        request = _dask_request(resources)
+        workers = list(dask_client.scheduler_info(n_workers=-1)["workers"].values())
+        if any(all(worker.get("resources", {}).get(key, 0) >= value for key, value in request.items())
+               for worker in workers):
+            return
+        have = "; ".join(f"{worker.get('resources') or 'no resources'}" for worker in workers) or "no worker"
+        raise InputError(f"--runner {runner}: no Dask worker declares what a cell needs ({_describe(resources)}; "
+                         f"start workers with --resources "
+                         f"\"{','.join(f'{k}={v:g}' for k, v in request.items())}\"); the workers have: {have}")
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+class GridTracker:
+    """One MLflow parent run for the grid and a child run per finished cell (its
+    metrics, read from the cell's metrics.json); ids are kept in OUT/tracking.json,
+    so a resumed grid adds to the same parent and logs each cell once."""
+
+    def __init__(self, out_dir: Path, uri: str | None = None):
+        from copal.state import read_json
+        from tasks.tracking import tracking_uri
+
+        self.file = Path(out_dir) / "tracking.json"
+        self.out_dir = Path(out_dir)
+        self.state = read_json(self.file, "tracking record") if self.file.exists() else {}
+        recorded = self.state.get("tracking_uri")
+        if uri and recorded not in (None, uri):
+            raise InputError(f"{out_dir}: this grid is recorded in MLflow at {recorded}, not {uri}")
+        self.uri = recorded or tracking_uri(uri)
+
+    def _save(self) -> None:
+        from copal.state import write_json
+
+        write_json(self.file, self.state)
+
+    @property
+    def parent(self) -> str | None:
+        return self.state.get("parent_run_id")
+
+    def cells(self) -> dict[str, str]:
+        return self.state.get("cells", {})
+
+    def ensure_parent(self, base: RunConfig, quick: bool) -> str:
+        if self.parent:
+            return self.parent
+        from tasks.tracking import _client, _experiment_id, _params, store_lock
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(self.uri):
+            client = _client(self.uri)
+            experiment_id = _experiment_id(client, self.uri)
+            run = client.create_run(experiment_id, run_name=f"bench {self.out_dir.resolve().name}",
+                                    tags={"copal.bench_dir": str(self.out_dir.resolve()),
+                                          "copal.quick": str(quick).lower()})
+            client.log_batch(run.info.run_id, params=_params(base.model_dump()))
+        self.state = {"tracking_uri": self.uri, "experiment_id": experiment_id,
+                      "parent_run_id": run.info.run_id, "cells": {}}
+        self._save()
+        return run.info.run_id
+
+    def log_cell(self, cell: Cell, runner: Runner) -> str:
+        """The cell's child run (idempotent): params, final metrics, per-step timings, metrics.json."""
+        if cell.id in self.cells():
+            return self.cells()[cell.id]
+        from mlflow.entities import Metric, Param
+
+        from tasks.tracking import _client, store_lock
+
+        metrics = cell_metrics(self.out_dir, cell)
+        params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
+                  "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
+        values = [Metric("avg_ppl", float(metrics["avg_ppl"]), 0, 0)]
+        if metrics.get("bwt") is not None:
+            values.append(Metric("bwt", float(metrics["bwt"]), 0, 0))
+        for domain, ppl in zip(metrics["domains"], metrics["ppl"][-1]):
+            if ppl is not None:
+                values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
+        for index, step in enumerate(metrics["steps"]):
+            values += [Metric(key, float(step[key]), 0, index) for key in ("seconds", "prune_seconds", "peak_rss_mb")]
+        with store_lock(self.uri):
+            client = _client(self.uri)
+            run = client.create_run(self.state["experiment_id"], run_name=cell.id,
+                                    tags={"mlflow.parentRunId": self.parent, "copal.cell": cell.id,
+                                          "copal.run_dir": str(cell_dir(self.out_dir, cell).resolve())})
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=values)
+            client.log_artifact(run.info.run_id, str(cell_dir(self.out_dir, cell) / "metrics.json"))
+            client.set_terminated(run.info.run_id)
+        self.state.setdefault("cells", {})[cell.id] = run.info.run_id
+        self._save()
+        return run.info.run_id
+
+    def finish(self, files: list[Path], failed: bool) -> None:
+        from tasks.tracking import _client, store_lock
+
+        with store_lock(self.uri):
+            client = _client(self.uri)
+            for file in files:
+                client.log_artifact(self.parent, str(file))
+            client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+# The task's and the flow's functions only call module functions: Ray Client pickles them
+# by value, with the globals they use (a progress callback would not pickle).
+@task(name="bench-cell", cache_policy=NO_CACHE, persist_result=False)
+def cell_task(config: RunConfig, root: str, data_dir: str | None, threads: int | None, known_dense: dict | None,
+              workdir: str | None = None, isolated: bool = False) -> str:
+    """One cell (one continual run, resumed where it stopped); its run directory."""
+    return _cell(config, root, data_dir, threads, known_dense, workdir, isolated)
+
+
+def _cell(config: RunConfig, root: str, data_dir: str | None, threads: int | None, known_dense: dict | None,
+          workdir: str | None, isolated: bool) -> str:
+    """One cell (one continual run, resumed where it stopped); its run directory.
+
+    isolated: in the local runner's process pool; otherwise in this task's process
+    (this one, or a Ray/Dask worker, started in `workdir` so relative paths resolve)."""
+    if isolated:
+        return str(_pool.submit(run_cell, config, Path(root), Path(data_dir) if data_dir else None, threads,
+                                None, known_dense).result())
+    if workdir and os.getcwd() != workdir and Path(workdir).is_dir():
+        os.chdir(workdir)
+    report = progress if workdir is None else None
+    return str(run_cell(config, Path(root), Path(data_dir) if data_dir else None, threads, report, known_dense))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@flow(name="copal-bench", validate_parameters=False)
+def bench_flow(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner: str = "local",
+               jobs: int | None = None, data_dir: Path | None = None, tracking_uri: str | None = None,
+               quick: bool = False, alone: list[Cell] | None = None) -> dict[str, Exception]:
+    """Run every unfinished cell of the grid; {cell id: error} for the cells that failed."""
+    return _grid(base, grid, cells, out_dir, runner, jobs, data_dir, tracking_uri, quick, alone)
+
+
+def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner: str, jobs: int | None,
+          data_dir: Path | None, tracking_uri: str | None, quick: bool, alone: list[Cell] | None) -> dict:
+    """Run every unfinished cell of the grid; {cell id: error} for the cells that failed.
+
+    The `alone` cells (default: the cost cells) run first, one at a time; then the rest at once (locally: as
+    many as fit in memory, or --jobs; on a cluster: as its resources allow)."""
+    from prefect.context import FlowRunContext
+
+    from copal.data import ingest
+
+    where = parse_runner(runner)
+    resources = grid.resources
+    report = progress or (lambda what, done, total: None)
+    if where.cluster:
+        active = FlowRunContext.get().task_runner
+        check_cluster_resources(where, resources, getattr(active, "client", None) if where.kind == "dask" else None)
+    fingerprints = {}
+    for spec in base.domains:  # bad data fails here, once; the cells then find the Arrow cache warm
+        domain = ingest(spec, data_dir)
+        fingerprints[domain.name] = domain.fingerprint
+    configs = {cell.id: cell_config(base, cell) for cell in cells}
+    tracker = GridTracker(out_dir, tracking_uri)
+    tracker.ensure_parent(base, quick)
+    pending = [cell for cell in cells if not is_finished(out_dir, cell, len(base.domains))]
+    done = len(cells) - len(pending)
+    if done:
+        log.info("%d of %d cells already finished; skipped", done, len(cells))
+        for cell in cells:
+            if cell not in pending:
+                tracker.log_cell(cell, where)  # a cell finished before its child run was logged
+    report("cells", done, len(cells))
+    failures: dict[str, str] = {}
+
+    def finished(cell: Cell, future) -> None:
+        nonlocal done
+        done += 1
+        report("cells", done, len(cells))
+        try:
+            future.result()
+        except Exception as error:  # one broken cell must not cost the others
+            failures[cell.id] = error
+            log.error("cell %s failed: %s", cell.id, error, exc_info=None if isinstance(error, InputError) else error)
+            return
+        tracker.log_cell(cell, where)
+        log.info("cell %s finished (%d/%d)", cell.id, done, len(cells))
+
+    workdir = os.getcwd() if where.cluster else None
+    cluster_threads = resources.cpus or 1
+
+    def submit(cell: Cell, threads: int | None, isolated: bool = False):
+        dense = shared_dense(out_dir, cells, base, fingerprints)
+        named = cell_task.with_options(task_run_name=f"cell {cell.id}")
+        arguments = (configs[cell.id], str(cell_dir(out_dir, cell)), str(data_dir) if data_dir else None, threads,
+                     dense, workdir, isolated)
+        if where.kind == "ray":
+            from prefect_ray.context import remote_options
+
+            options = {"num_cpus": cluster_threads, "num_gpus": resources.gpus}
+            if resources.memory_gb:
+                options["memory"] = int(resources.memory_gb * 2**30)
+            with remote_options(**options):
+                return named.submit(*arguments)
+        if where.kind == "dask" and _dask_request(resources):
+            import dask
+
+            with dask.annotate(resources=_dask_request(resources)):
+                return named.submit(*arguments)
+        return named.submit(*arguments)
+
+    local_threads = resources.cpus  # None: every core for a cell run alone
+    first = [cell for cell in (cost_cells(cells) if alone is None else alone) if cell in pending]
+    if not where.cluster and jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
+        first = pending[:1]
+    for cell in first:  # alone, one at a time
+        future = submit(cell, cluster_threads if where.cluster else local_threads)
+        future.wait()
+        finished(cell, future)
+    pending = [cell for cell in pending if cell not in first]
+    if not pending:
+        return failures
+    if where.cluster:
+        futures = {submit(cell, cluster_threads): cell for cell in pending}
+        for future in as_completed(list(futures)):
+            finished(futures[future], future)
+        return failures
+    cores = _cores()
+    if jobs is None:
+        peak = measured_peak_mb(out_dir, cells)
+        jobs = default_jobs(peak, available_memory_mb(), cores) if peak else 1
+        if resources.cpus:
+            jobs = max(1, min(jobs, cores // resources.cpus))
+        log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
+    if jobs == 1 or len(pending) == 1:
+        for cell in pending:
+            future = submit(cell, local_threads)
+            future.wait()
+            finished(cell, future)
+        return failures
+    workers = min(jobs, len(pending))
+    threads = resources.cpus or max(1, cores // workers)
+    global _pool
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        _pool = pool
+        try:
+            futures = {submit(cell, threads, isolated=True): cell for cell in pending}
+            for future in as_completed(list(futures)):
+                finished(futures[future], future)
+        finally:
+            _pool = None
+    return failures
+
+
+def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
+                  jobs: int | None = None, data_dir: Path | None = None, runner: str = "local",
+                  tracking_uri: str | None = None, api=None) -> tuple[dict, list[Path]]:
+    """The whole benchmark: run (or resume) the grid's flow on `runner`, then the task
+    accuracy of the chosen cells (here), then JSON, Markdown and plots.
+
+    Every input is checked before anything runs. Failed cells are left out of the
+    outputs (listed as missing) and reported once everything else is written.
+    `api`: a flows.api.TemporaryApi already booting (the command line starts one)."""
+    if jobs is not None and jobs < 1:
+        raise InputError(f"--jobs {jobs}: must be at least 1")
+    where = parse_runner(runner)
+    if where.cluster and jobs is not None:
+        raise InputError(f"--jobs {jobs}: only for --runner local (a cluster runs as many cells at once as "
+                         "grid.resources and its workers allow)")
+    out_dir = Path(out_dir) if out_dir else default_out(quick)
+    base, grid, cells = plan(config_path, quick)
+    check_runner(where)
+    if where.cluster:  # the workers see these paths, not this process's working directory
+        out_dir = out_dir.resolve()
+        data_dir = Path(data_dir or os.environ.get("COPAL_DATA_DIR") or _default_data_dir()).resolve()
+    GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
+    (api or flows.api.TemporaryApi()).ready()
+    failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
+        base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick)
+    accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, progress)
+    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy,
+                                                     "runner": where.kind}
+    images = write_plots(summary, out_dir)
+    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
+               write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
+    tracker = GridTracker(out_dir, tracking_uri)
+    tracker.finish(written[:2], failed=bool(failures))
+    if failures:
+        listing = "; ".join(f"{cell}: {error}" for cell, error in failures.items())
+        message = f"{len(failures)} of {len(cells)} benchmark cells failed ({listing})"
+        if all(isinstance(error, InputError) for error in failures.values()):
+            raise InputError(message)
+        raise RuntimeError(message)
+    return summary, written
+
+
+def _default_data_dir() -> Path:
+    from copal.data import DEFAULT_DATA_DIR
+
+    return Path(DEFAULT_DATA_DIR)
