@@ -42,12 +42,14 @@ COPAL_VARIANTS = {
     "loss": {"sensitivity": "loss"},
     "raw": {"normalize": False},
     "max": {"reduce": "max"},
+    "reconstruct": {"reconstruct": True},
 }
 VARIANT_NOTES = {
     "": "output sensitivity E|y|·|x|, normalised per domain, summed over domains",
     "loss": "loss-gradient sensitivity Σ|∂L/∂W| instead of the output sensitivity",
     "raw": "no per-domain normalisation of the statistic before summing",
     "max": "elementwise max over domains instead of the sum",
+    "reconstruct": "COPAL's mask, kept weights reconstructed by SparseGPT's OBS update from the accumulated Hessian",
 }
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16
@@ -94,7 +96,7 @@ class Variants(_Strict):
     """COPAL/accumulate, unstructured, with one of COPAL_VARIANTS' changes, at these sparsities."""
 
     sparsities: list[Sparsity] = [0.5, 0.7]
-    names: list[Literal["loss", "raw", "max"]] = ["loss", "raw", "max"]
+    names: list[Literal["loss", "raw", "max", "reconstruct"]] = ["loss", "raw", "max"]
 
 
 class GridTasks(_Strict):
