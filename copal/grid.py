@@ -171,13 +171,13 @@ def plan(config_path: Path | None, quick: bool) -> tuple[RunConfig, Grid, list[C
     cells = quick_grid() if quick else full_grid(grid)
     if quick:
         base, grid = quick_config(base), Grid(cells=grid.cells, resources=grid.resources)
+    check_task_cells(grid.tasks, cells)  # the whole grid's: `cells` may narrow the run, not the accuracy list
     if grid.cells:
         unknown = sorted(set(grid.cells) - {cell.id for cell in cells})
         if unknown:
             raise InputError(f"grid.cells: {', '.join(unknown)} not in this grid "
                              f"(its cells: {', '.join(cell.id for cell in cells)})")
         cells = [cell for cell in cells if cell.id in grid.cells]
-    check_task_cells(grid.tasks, cells)
     return base, grid, cells
 
 

@@ -237,7 +237,7 @@ def _metrics_of(out, cell):
     return json.loads((bench.cell_dir(out, cell) / "metrics.json").read_text())
 
 
-def test_grid_section_shapes_the_smollm2_grid():
+def test_grid_section_shapes_the_smollm2_grid(tmp_path):
     base, grid = bench.load_bench_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
     cells = bench.full_grid(grid)
     ids = [cell.id for cell in cells]
@@ -252,6 +252,12 @@ def test_grid_section_shapes_the_smollm2_grid():
                                                    for v in ("loss", "raw", "max", "reconstruct")}
     bench.check_task_cells(grid.tasks, cells)
     assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
+    # grid.cells narrows what runs; the accuracy cells stay checked against the whole grid
+    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "smollm2.yaml").read_text())
+    raw["grid"]["cells"] = ["copal-accumulate-u50-reconstruct"]
+    narrowed = tmp_path / "first.yaml"
+    narrowed.write_text(yaml.safe_dump(raw))
+    assert [cell.id for cell in bench.plan(narrowed, quick=False)[2]] == ["copal-accumulate-u50-reconstruct"]
 
 
 @pytest.mark.parametrize("grid, needles", [
