@@ -7,7 +7,8 @@ the step's peak RSS (from step.json: the high-water mark from the start of the
 step, model already loaded) and the whole process's peak RSS, each divided by
 the dense model's bytes, and the RSS of the interpreter and libraries alone
 (after imports), which does not shrink with the model. The target for the step
-is below 2.0.
+is below 2.0. Blocks stream from the checkpoint (copal.streaming) whenever the
+library can, as in a normal run.
 
     python benchmarks/memory_step.py [--layers 12] [--hidden 512] [--out reports/memory_step.json]
 """
@@ -73,7 +74,18 @@ def _child(config_path: Path, out: Path) -> None:
     run = continual.ContinualRun(load_config(config_path), out)
     after_load = _rss_mb()
     record = run.step(0)
-    print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record}))
+    written = sum(file.stat().st_size for file in (out / "steps" / str(record["step"])).rglob("*") if file.is_file())
+    print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record,
+                      "streaming": run.stream is not None, "step_bytes_written": written,
+                      "child_peak_mb": _hwm_mb()}))
+
+
+def _hwm_mb() -> float:
+    """This process's own RSS high-water mark since the step began (PeakMemory resets it there;
+    before, only the smaller load). RUSAGE_CHILDREN in the parent is not it: a forked child
+    starts with the parent's RSS, and the parent may still hold the model it saved."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def step_config(folder: Path, name: str, nsamples: int, seqlen: int, eval_tokens: int,
@@ -129,7 +141,10 @@ def main() -> None:
               "step_over_imports_ratio": round((step["peak_rss_mb"] - report["after_imports_mb"]) / dense_mb, 3),
               "step_ratio": round(step["peak_rss_mb"] / dense_mb, 3),
               "process_ratio": round(process_peak_mb / dense_mb, 3),
-              "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1)}
+              "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
+              "streaming": report["streaming"], "step_mb_written": round(report["step_bytes_written"] / 2**20, 1),
+              "command": "python benchmarks/memory_step.py" + (f" --layers {args.layers}" if args.layers != 12 else "")
+              + (f" --hidden {args.hidden}" if args.hidden != 512 else "")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

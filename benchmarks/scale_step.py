@@ -17,6 +17,7 @@ runs for a long time on a CPU; the flags shrink it for a smoke test:
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     from transformers import LlamaConfig
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     shape = {"hidden_size": args.hidden, "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
              "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab}
@@ -62,7 +64,9 @@ def main(argv=None) -> dict:
               "rss_after_load_mb": round(report["after_load_mb"], 1),
               "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
               "step_peak_over_disk": round(step["peak_rss_mb"] / disk_mb, 3),
-              "process_peak_over_disk": round(process_peak_mb / disk_mb, 3)}
+              "process_peak_over_disk": round(process_peak_mb / disk_mb, 3),
+              "streaming": report["streaming"], "step_mb_written": round(report["step_bytes_written"] / 2**20, 1),
+              "command": "python benchmarks/scale_step.py" + (" " + " ".join(argv) if argv else "")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
