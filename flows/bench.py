@@ -104,16 +104,57 @@ def check_runner(runner: Runner) -> None:
         raise InputError(f"PREFECT_API_URL={url}: the Prefect server does not answer ({error})") from None
 
 
+def _ray_init_kwargs() -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    return {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING}
+
+
+# Ray Client: for each connection the head's proxy forks a server process of its own
+# (ray_client_server_PORT). On a busy head that process can die during the fork, before it
+# writes a line (gRPC's fork handlers in the multi-threaded proxy, ray-project/ray#63202),
+# and ray.init fails with "Starting Ray client server failed". A new connection gets a new
+# process, so that failure (and only that) is retried, a bounded number of times.
+RAY_CONNECT_ATTEMPTS = 3
+RAY_CONNECT_PAUSE_S = 2.0
+
+
+def connect_ray(runner: Runner, attempts: int = RAY_CONNECT_ATTEMPTS) -> None:
+    """Connect this process to the Ray cluster (Ray Client) before the flow starts; the
+    flow's RayTaskRunner then uses this connection. One line (InputError) if it never does."""
+    import time
+
+    import ray
+
+    address = f"ray://{runner.host}:{runner.port}"
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address, **_ray_init_kwargs())
+            return
+        except Exception as error:  # noqa: BLE001 - the last one becomes the one-line error
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(error).__name__
+            startup = isinstance(error, ConnectionAbortedError) and "Starting Ray client server failed" in str(error)
+            if not startup or attempt == attempts:
+                tried = f" ({attempt} attempts)" if attempt > 1 else ""
+                raise InputError(f"--runner {runner}: Ray Client did not connect{tried}: {reason}; see "
+                                 "ray_client_server*.err in the head's session logs") from None
+            log.info("Ray Client connection %d of %d to %s failed (%s); retrying", attempt, attempts, address,
+                     reason)
+            time.sleep(RAY_CONNECT_PAUSE_S * attempt)
+
+
 def task_runner(runner: Runner, cells: int):
     if runner.kind == "ray":
         from prefect_ray import RayTaskRunner
 
-        env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
-        from prefect.settings import PREFECT_API_URL
-
-        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        return RayTaskRunner(address=f"ray://{runner.host}:{runner.port}",
-                             init_kwargs={"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING})
+        return RayTaskRunner(address=f"ray://{runner.host}:{runner.port}", init_kwargs=_ray_init_kwargs())
     if runner.kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -431,8 +472,16 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         data_dir = Path(data_dir or os.environ.get("COPAL_DATA_DIR") or _default_data_dir()).resolve()
     GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
     (api or flows.api.TemporaryApi()).ready()
-    failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
-        base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick)
+    if where.kind == "ray":
+        connect_ray(where)  # the flow's RayTaskRunner finds this connection and uses it
+    try:
+        failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
+            base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick)
+    finally:
+        if where.kind == "ray":
+            import ray
+
+            ray.shutdown()
     accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, progress)
     summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy,
                                                      "runner": where.kind}
