@@ -30,6 +30,7 @@ import socket
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
@@ -46,10 +47,7 @@ from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config,
 
 log = logging.getLogger("copal")
 
-# The command line's progress display (a callback is not a flow parameter; see flows/continual.py).
-progress = None
-# The local runner's process pool for the cells that run in parallel (set while the flow runs).
-_pool: ProcessPoolExecutor | None = None
+Progress = Callable[[str, int, int], None]
 RUNNER_FORMS = "local, ray://HOST:PORT or dask://HOST:PORT"
 # Passed to Ray workers with the job (Dask workers keep their own environment).
 WORKER_ENV = ("PREFECT_API_URL", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
@@ -129,6 +127,10 @@ def connect_ray(runner: Runner, attempts: int = RAY_CONNECT_ATTEMPTS) -> None:
     import ray
 
     address = f"ray://{runner.host}:{runner.port}"
+    # prefect-ray's runner may call ray.init again from the flow's thread; Ray then warns on
+    # stderr that it cannot set its SIGTERM handler outside the main thread. A driver that only
+    # submits tasks does not need one, and the warning would break the one-line error contract.
+    logging.getLogger("ray._private.worker").setLevel(logging.ERROR)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address, **_ray_init_kwargs())
@@ -300,27 +302,29 @@ class GridTracker:
 
 
 # The task's and the flow's functions only call module functions: Ray Client pickles them
-# by value, with the globals they use (a progress callback would not pickle).
+# by value, with the globals they use. What only the local runner has (the process pool,
+# the progress display) comes as arguments, None on a cluster.
 @task(name="bench-cell", cache_policy=NO_CACHE, persist_result=False)
 def cell_task(config: RunConfig, root: str, data_dir: str | None, threads: int | None, known_dense: dict | None,
-              workdir: str | None = None, isolated: bool = False) -> str:
+              workdir: str | None = None, pool: ProcessPoolExecutor | None = None,
+              progress: Progress | None = None) -> str:
     """One cell (one continual run, resumed where it stopped); its run directory."""
-    return _cell(config, root, data_dir, threads, known_dense, workdir, isolated)
+    return _cell(config, root, data_dir, threads, known_dense, workdir, pool, progress)
 
 
 def _cell(config: RunConfig, root: str, data_dir: str | None, threads: int | None, known_dense: dict | None,
-          workdir: str | None, isolated: bool) -> str:
+          workdir: str | None, pool: ProcessPoolExecutor | None, progress: Progress | None) -> str:
     """One cell (one continual run, resumed where it stopped); its run directory.
 
-    isolated: in the local runner's process pool; otherwise in this task's process
-    (this one, or a Ray/Dask worker, started in `workdir` so relative paths resolve)."""
-    if isolated:
-        return str(_pool.submit(run_cell, config, Path(root), Path(data_dir) if data_dir else None, threads,
-                                None, known_dense).result())
+    pool: the local runner's process pool, to run the cell in; otherwise it runs in this
+    task's process (this one, or a Ray/Dask worker, started in `workdir` so relative paths
+    resolve)."""
+    data = Path(data_dir) if data_dir else None
+    if pool is not None:
+        return str(pool.submit(run_cell, config, Path(root), data, threads, None, known_dense).result())
     if workdir and os.getcwd() != workdir and Path(workdir).is_dir():
         os.chdir(workdir)
-    report = progress if workdir is None else None
-    return str(run_cell(config, Path(root), Path(data_dir) if data_dir else None, threads, report, known_dense))
+    return str(run_cell(config, Path(root), data, threads, progress, known_dense))
 
 
 def _cores() -> int:
@@ -330,13 +334,16 @@ def _cores() -> int:
 @flow(name="copal-bench", validate_parameters=False)
 def bench_flow(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner: str = "local",
                jobs: int | None = None, data_dir: Path | None = None, tracking_uri: str | None = None,
-               quick: bool = False, alone: list[Cell] | None = None) -> dict[str, Exception]:
-    """Run every unfinished cell of the grid; {cell id: error} for the cells that failed."""
-    return _grid(base, grid, cells, out_dir, runner, jobs, data_dir, tracking_uri, quick, alone)
+               quick: bool = False, alone: list[Cell] | None = None,
+               progress: Progress | None = None) -> dict[str, Exception]:
+    """Run every unfinished cell of the grid; {cell id: error} for the cells that failed.
+    `progress` (the command line's display) is recorded by Prefect as a placeholder."""
+    return _grid(base, grid, cells, out_dir, runner, jobs, data_dir, tracking_uri, quick, alone, progress)
 
 
 def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner: str, jobs: int | None,
-          data_dir: Path | None, tracking_uri: str | None, quick: bool, alone: list[Cell] | None) -> dict:
+          data_dir: Path | None, tracking_uri: str | None, quick: bool, alone: list[Cell] | None,
+          progress: Progress | None = None) -> dict:
     """Run every unfinished cell of the grid; {cell id: error} for the cells that failed.
 
     The `alone` cells (default: the cost cells) run first, one at a time; then the rest at once (locally: as
@@ -384,11 +391,12 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     workdir = os.getcwd() if where.cluster else None
     cluster_threads = resources.cpus or 1
 
-    def submit(cell: Cell, threads: int | None, isolated: bool = False):
+    def submit(cell: Cell, threads: int | None, pool: ProcessPoolExecutor | None = None):
         dense = shared_dense(out_dir, cells, base, fingerprints)
         named = cell_task.with_options(task_run_name=f"cell {cell.id}")
+        shown = None if where.cluster or pool is not None else progress
         arguments = (configs[cell.id], str(cell_dir(out_dir, cell)), str(data_dir) if data_dir else None, threads,
-                     dense, workdir, isolated)
+                     dense, workdir, pool, shown)
         if where.kind == "ray":
             from prefect_ray.context import remote_options
 
@@ -435,23 +443,19 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
         return failures
     workers = min(jobs, len(pending))
     threads = resources.cpus or max(1, cores // workers)
-    global _pool
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        _pool = pool
-        try:
-            futures = {submit(cell, threads, isolated=True): cell for cell in pending}
-            for future in as_completed(list(futures)):
-                finished(futures[future], future)
-        finally:
-            _pool = None
+        futures = {submit(cell, threads, pool): cell for cell in pending}
+        for future in as_completed(list(futures)):
+            finished(futures[future], future)
     return failures
 
 
 def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
                   jobs: int | None = None, data_dir: Path | None = None, runner: str = "local",
-                  tracking_uri: str | None = None, api=None) -> tuple[dict, list[Path]]:
+                  tracking_uri: str | None = None, api=None,
+                  progress: Progress | None = None) -> tuple[dict, list[Path]]:
     """The whole benchmark: run (or resume) the grid's flow on `runner`, then the task
     accuracy of the chosen cells (here), then JSON, Markdown and plots.
 
@@ -476,7 +480,10 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         connect_ray(where)  # the flow's RayTaskRunner finds this connection and uses it
     try:
         failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
-            base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick)
+            base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick,
+            # On a cluster prefect-ray pickles the flow run's context, parameters included, with
+            # each task; a display callback does not pickle, so the flow shows no progress there.
+            progress=None if where.cluster else progress)
     finally:
         if where.kind == "ray":
             import ray

@@ -434,12 +434,8 @@ def bench(
 
     _setup_logging(verbose)
     with progress_bar() as report:
-        bench_flow.progress = report
-        try:
-            summary, written = bench_flow.run_benchmark(config, out, quick, jobs, runner=runner,
-                                                        tracking_uri=tracking_uri, api=api)
-        finally:
-            bench_flow.progress = None
+        summary, written = bench_flow.run_benchmark(config, out, quick, jobs, runner=runner,
+                                                    tracking_uri=tracking_uri, api=api, progress=report)
     fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     table = Table(title="benchmark cells")
     for column in ("cell", "avg PPL", "BWT", "s/step", "peak MB"):

@@ -21,11 +21,7 @@ def _tiny_config(llama_dir, corpus_dir) -> dict:
 
 def run_grid(base, cells, out, jobs=None, data_dir=None, progress=None, grid=bench.Grid(), alone=None):
     """The grid's flow on the local runner, as `copal bench` runs it."""
-    flow.progress = progress
-    try:
-        return flow.bench_flow(base, grid, cells, out, "local", jobs, data_dir, alone=alone)
-    finally:
-        flow.progress = None
+    return flow.bench_flow(base, grid, cells, out, "local", jobs, data_dir, alone=alone, progress=progress)
 
 
 def _mtimes(folder):
