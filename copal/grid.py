@@ -314,8 +314,9 @@ def check_task_cells(tasks: GridTasks, cells: list[Cell]) -> None:
         check_tasks(tasks.names, tasks.include_path)
 
 
-def _accuracy(path: Path, tasks: GridTasks, device: str, load) -> dict:
-    """lm-eval accuracies of the model `load()` gives, kept in `path` (measured once)."""
+def _accuracy(path: Path, tasks: GridTasks, device: str, load, measure: bool = True) -> dict | None:
+    """lm-eval accuracies of the model `load()` gives, kept in `path` (measured once;
+    measure=False: only what is recorded, else None)."""
     from copal.model import resolve_device
     from copal.state import read_json, write_json
     from copal.tasks import task_accuracy
@@ -324,6 +325,8 @@ def _accuracy(path: Path, tasks: GridTasks, device: str, load) -> dict:
         recorded = read_json(path, "task accuracies")
         if recorded.get("setup") == tasks.model_dump():
             return recorded["tasks"]
+    if not measure:
+        return None
     model, tokenizer = load()
     measured = task_accuracy(model, tokenizer, tasks.names, tasks.include_path, resolve_device(device),
                              limit=tasks.limit)
@@ -332,10 +335,11 @@ def _accuracy(path: Path, tasks: GridTasks, device: str, load) -> dict:
 
 
 def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir: Path,
-                  progress: Progress | None = None) -> dict | None:
+                  progress: Progress | None = None, measure: bool = True) -> dict | None:
     """{"dense": {task: {metric: value}}, "cells": {cell id: …}}: the dense model's and each
     finished accuracy cell's final model's task accuracies (None: the grid has no tasks).
-    Each is kept in OUT/tasks/<id>.json, so a resumed grid measures only what is missing."""
+    Each is kept in OUT/tasks/<id>.json, so a resumed grid measures only what is missing;
+    measure=False reports what is recorded and measures nothing (None: not even the dense model's)."""
     if not tasks.names:
         return None
     from copal.continual import RunDir
@@ -348,13 +352,17 @@ def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir:
     chosen = [cell for cell in cells if cell.id in tasks.cells and is_finished(out_dir, cell, len(base.domains))]
     progress("task accuracy", 0, len(chosen) + 1)
     dense = _accuracy(folder / "dense.json", tasks, base.device,
-                      lambda: load_model(base.model, base.dtype, base.trust_remote_code))
+                      lambda: load_model(base.model, base.dtype, base.trust_remote_code), measure)
+    if dense is None:
+        return None
     results = {}
     for index, cell in enumerate(chosen, 1):
         progress("task accuracy", index, len(chosen) + 1)
         root = cell_dir(out_dir, cell)
-        results[cell.id] = _accuracy(folder / f"{cell.id}.json", tasks, base.device,
-                                     lambda: load_step_model(root, RunDir(root).head()))
+        result = _accuracy(folder / f"{cell.id}.json", tasks, base.device,
+                           lambda: load_step_model(root, RunDir(root).head()), measure)
+        if result is not None:
+            results[cell.id] = result
     progress("task accuracy", len(chosen) + 1, len(chosen) + 1)
     return {"tasks": tasks.model_dump(), "dense": dense, "cells": results}
 

@@ -454,14 +454,16 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
 
 def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
                   jobs: int | None = None, data_dir: Path | None = None, runner: str = "local",
-                  tracking_uri: str | None = None, api=None,
-                  progress: Progress | None = None) -> tuple[dict, list[Path]]:
+                  tracking_uri: str | None = None, api=None, progress: Progress | None = None,
+                  report_only: bool = False) -> tuple[dict, list[Path]]:
     """The whole benchmark: run (or resume) the grid's flow on `runner`, then the task
     accuracy of the chosen cells (here), then JSON, Markdown and plots.
 
     Every input is checked before anything runs. Failed cells are left out of the
     outputs (listed as missing) and reported once everything else is written.
-    `api`: a flows.api.TemporaryApi already booting (the command line starts one)."""
+    `api`: a flows.api.TemporaryApi already booting (the command line starts one).
+    report_only: run nothing and measure nothing; write the outputs from the cells (and
+    task accuracies) recorded so far, unfinished cells listed as not yet run."""
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")
     where = parse_runner(runner)
@@ -470,6 +472,9 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
                          "grid.resources and its workers allow)")
     out_dir = Path(out_dir) if out_dir else default_out(quick)
     base, grid, cells = plan(config_path, quick)
+    if report_only:
+        accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, measure=False)
+        return write_outputs(base, cells, out_dir, quick, accuracy, None)
     check_runner(where)
     if where.cluster:  # the workers see these paths, not this process's working directory
         out_dir = out_dir.resolve()
@@ -490,11 +495,7 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
 
             ray.shutdown()
     accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, progress)
-    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy,
-                                                     "runner": where.kind}
-    images = write_plots(summary, out_dir)
-    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
-               write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
+    summary, written = write_outputs(base, cells, out_dir, quick, accuracy, where.kind)
     tracker = GridTracker(out_dir, tracking_uri)
     tracker.finish(written[:2], failed=bool(failures))
     if failures:
@@ -503,6 +504,16 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         if all(isinstance(error, InputError) for error in failures.values()):
             raise InputError(message)
         raise RuntimeError(message)
+    return summary, written
+
+
+def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool, accuracy: dict | None,
+                  runner: str | None) -> tuple[dict, list[Path]]:
+    """OUT/benchmark.{json,md} and the plots, from the cells recorded in OUT/cells."""
+    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy, "runner": runner}
+    images = write_plots(summary, out_dir)
+    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
+               write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
     return summary, written
 
 

@@ -414,6 +414,9 @@ def bench(
                                                         "evaluation). Default: configs/bench.yaml (the demo's "
                                                         "sequence, lighter evaluation).")] = None,
     tracking_uri: TrackingUri = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Run nothing: write OUT/benchmark.{json,md} "
+                                                                    "and the plots from the cells finished so far "
+                                                                    "(the rest listed as not yet run).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
     """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
@@ -429,13 +432,14 @@ def bench(
     comparison. The grid is a Prefect flow, each cell a task and an MLflow child run of the
     grid's run; each cell is a run in OUT/cells/<cell>: an interrupted grid resumes where it
     stopped and finished cells are not recomputed."""
-    api = TemporaryApi() if runner == "local" else None
+    api = TemporaryApi() if runner == "local" and not report_only else None
     from flows import bench as bench_flow
 
     _setup_logging(verbose)
     with progress_bar() as report:
         summary, written = bench_flow.run_benchmark(config, out, quick, jobs, runner=runner,
-                                                    tracking_uri=tracking_uri, api=api, progress=report)
+                                                    tracking_uri=tracking_uri, api=api, progress=report,
+                                                    report_only=report_only)
     fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     table = Table(title="benchmark cells")
     for column in ("cell", "avg PPL", "BWT", "s/step", "peak MB"):

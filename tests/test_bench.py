@@ -1,6 +1,7 @@
 """`copal bench`: a tiny grid run in and out of process, resumed, summarised and plotted."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -116,6 +117,25 @@ def test_cli_quick_resumes_the_grid_and_writes_the_outputs(grid, tmp_path, data_
     assert (grid["out"] / "bwt.png").is_file()
     bad = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(tmp_path / "x"), "--jobs", "0"])
     assert bad.exit_code == 2 and "--jobs 0" in bad.stderr
+
+
+def test_report_only_writes_the_outputs_of_the_cells_so_far_and_runs_nothing(grid, tmp_path, data_dir):
+    """The full grid over the quick grid's finished cells: the report has those three,
+    lists the others as not yet run, and nothing is computed."""
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(grid["raw"]))
+    out = tmp_path / "out"
+    for cell in grid["cells"]:
+        shutil.copytree(bench.cell_dir(grid["out"], cell), bench.cell_dir(out, cell))
+    before = _mtimes(out / "cells")
+    result = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(out), "--report-only"])
+    assert result.exit_code == 0, result.output
+    assert _mtimes(out / "cells") == before and sorted(p.name for p in (out / "cells").iterdir()) == sorted(
+        cell.id for cell in grid["cells"])
+    summary = json.loads((out / "benchmark.json").read_text())
+    assert [c["id"] for c in summary["cells"]] == [c.id for c in bench.full_grid() if c in grid["cells"]]
+    assert len(summary["missing"]) == len(bench.full_grid()) - 3
+    assert "Not yet run (" in (out / "benchmark.md").read_text()
 
 
 def test_grid_definition():
