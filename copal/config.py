@@ -70,6 +70,17 @@ class SparseGPTOptions(_Strict):
     dampening: float = Field(0.01, gt=0)
 
 
+class StateOptions(_Strict):
+    """How a step stores the accumulate regime's statistic (copal.state.CODECS):
+    `log6L` (default), C ≈ row × column × one of 6 levels per weight (8/3 bits),
+    with the bit-packed mask ≈ 0.235× the fp16 bytes of the prunable weights;
+    `log8`/`log4`/`log3` the same with 2^8/16/8 levels; `bfloat16`; `float32`
+    (2.06×, what runs stored before). Applies to a lineage's first step: later
+    steps keep their parent's format (docs/DESIGN-NOTES.md)."""
+
+    format: Literal["float32", "bfloat16", "log8", "log4", "log3", "log6L"] = "log6L"
+
+
 class RunConfig(_Strict):
     name: str = "run"
     model: str
@@ -86,6 +97,7 @@ class RunConfig(_Strict):
     trust_remote_code: bool = False
     copal: CopalOptions = CopalOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
+    state: StateOptions = StateOptions()
 
     @field_validator("sparsity")
     @classmethod

@@ -207,7 +207,7 @@ class ContinualRun:
         parent_id = self.dir.head() if parent_id is None else parent_id
         parent = self.dir.step(parent_id) if parent_id else None
         step_id = max(self.dir.step_ids(), default=0) + 1
-        writer = StepWriter(steps_dir or self.dir.steps_dir, step_id)
+        writer = StepWriter(steps_dir or self.dir.steps_dir, step_id, self.config.state.format)
         memory = metrics.PeakMemory()
         return PendingStep(domain_index, step_id, parent, writer, memory, time.perf_counter())
 

@@ -19,7 +19,7 @@ import torch
 
 from copal.methods import Method
 from copal.model import DenseWeights
-from copal.state import StepState, StepWriter
+from copal.state import CODECS, StepState, StepWriter
 
 T = TypeVar("T")
 
@@ -67,7 +67,14 @@ class Sequential(Regime):
 
 class Accumulate(Regime):
     """Prune W0 with the statistic accumulated over every domain so far (COPAL's
-    regime); the accumulated statistic is recorded for the next step."""
+    regime); the accumulated statistic is recorded for the next step.
+
+    The mask uses C_t = combine(C_{t-1}, S_t) in float32, with C_{t-1} as the
+    parent step stored it (decoded from its format, in a live run as in a
+    replay); C_t is stored in the lineage's format: the parent's, so a lineage
+    never changes format (runs begun before compact formats stay float32), or
+    for a first step the writer's (the config's `state.format`). Statistics
+    that are not one non-negative value per weight are stored in float32."""
 
     name = "accumulate"
 
@@ -76,7 +83,13 @@ class Accumulate(Regime):
             return None
         previous = parent.sensitivity(name) if parent is not None else None
         combined = method.combine(previous, fresh)
-        writer.sensitivity.add(name, combined)
+        if not method.compact_state:
+            state_format = "float32"
+        elif previous is not None:
+            state_format = parent.state_format(name)
+        else:
+            state_format = writer.state_format
+        writer.sensitivity.add(name, combined, CODECS[state_format])
         return combined
 
 

@@ -2,7 +2,8 @@
 
     RUN_DIR/steps/K/step.json                    the step's record (domain, fingerprint, PPLs, …)
     RUN_DIR/steps/K/masks.safetensors            keep-masks of every pruned layer, bit-packed
-    RUN_DIR/steps/K/sensitivity/block-NNNN.safetensors   accumulated statistic (accumulate regime)
+    RUN_DIR/steps/K/sensitivity/block-NNNN.safetensors   accumulated statistic (accumulate regime),
+                                                 in the format its metadata names (see StateCodec)
     RUN_DIR/steps/K/weights/block-NNNN.safetensors       reconstructed weights (sparsegpt only)
 
 Per-block files keep memory bounded: a step never holds more than one block's
@@ -16,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -44,15 +46,202 @@ def _block_file(index: int) -> str:
     return f"block-{index:04d}.safetensors"
 
 
+# ---------------------------------------------------------------- compact state
+#
+# The accumulate regime records C_t for the next step. An elementwise statistic
+# (COPAL's: one non-negative value per weight) can be kept in a compact form;
+# every step then reads C_{t-1} back through the same decoding, live and in
+# replay, so replay stays bit-identical. A block file names its format in its
+# safetensors metadata (FORMAT_KEY); a file without it is float32, as every run
+# wrote before compact formats existed.
+
+FORMAT_KEY = "copal_state_format"
+STATE_VERSION = 1
+
+
+class StateCodec:
+    """Float32 as it is: no metadata, one tensor per layer (the format of older runs)."""
+
+    name = "float32"
+    bits = 32.0
+
+    def encode(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value.detach().float().cpu().contiguous()}
+
+    def decode(self, name: str, get) -> torch.Tensor:
+        """`get(key)`: a tensor of the block file."""
+        return get(name).float()
+
+    def keys(self, name: str) -> list[str]:
+        return [name]
+
+
+class BFloat16Codec(StateCodec):
+    """bfloat16: 8 bits of exponent, 7 of mantissa (relative error ≤ 2⁻⁸)."""
+
+    name = "bfloat16"
+    bits = 16.0
+
+    def encode(self, name, value):
+        return {name: value.detach().cpu().to(torch.bfloat16).contiguous()}
+
+
+def _codes_per_byte(levels: int) -> int:
+    """How many codes of `levels` values one byte holds (base-`levels` digits)."""
+    count = 1
+    while levels ** (count + 1) <= 256:
+        count += 1
+    return count
+
+
+def _pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes < levels, packed: a power of two as log2(levels) bit planes, each
+    bit-packed (log2(levels)/8 bytes a code); other counts as base-`levels`
+    digits, as many to a byte as fit (6 levels: 3 a byte, 8/3 bits a code)."""
+    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    if levels & (levels - 1) == 0:
+        return torch.from_numpy(np.concatenate([np.packbits((flat >> p) & 1) for p in range(levels.bit_length() - 1)]))
+    per_byte = _codes_per_byte(levels)
+    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.int64)
+    padded[:flat.size] = flat
+    digits = padded.reshape(-1, per_byte)
+    return torch.from_numpy((digits * levels ** np.arange(per_byte)).sum(1).astype(np.uint8))
+
+
+def _unpack_codes(packed: torch.Tensor, levels: int, count: int) -> torch.Tensor:
+    if levels & (levels - 1) == 0:
+        bits = levels.bit_length() - 1
+        planes = packed.numpy().reshape(bits, -1)
+        codes = np.zeros(count, dtype=np.int64)
+        for p in range(bits):
+            codes |= np.unpackbits(planes[p], count=count).astype(np.int64) << p
+        return torch.from_numpy(codes)
+    per_byte = _codes_per_byte(levels)
+    values = packed.numpy().astype(np.int64)[:, None] // levels ** np.arange(per_byte) % levels
+    return torch.from_numpy(values.reshape(-1)[:count])
+
+
+class LogCodec(StateCodec):
+    """A non-negative (out, in) statistic as C_ij ≈ r_i · c_j · table[code_ij].
+
+    r_i and c_j are the geometric means of row i and column j, in bfloat16
+    (their rounding goes into the ratios; the statistic is close to rank one in
+    the log domain: |Y|ᵀ|X| for independent |y|, |x|); what is left,
+    log2(C_ij / (r_i c_j)), is quantised to `levels` values by a 1-D k-means
+    (Lloyd, or an even `grid`) fitted per layer, and each level
+    decodes to the linear mean of the ratios it holds (a level's sum is
+    unbiased). Codes take log2(levels) bits, or for other counts 8/k bits with
+    k base-`levels` digits a byte (6 levels: 8/3 bits).
+
+    Error bound (tests/test_compact_state.py): a positive entry decodes to
+    r_i · c_j · t where t lies between the smallest and the largest ratio of
+    its level, so |log2(decoded / C)| ≤ the width of that level. Rows or
+    columns that are all zero decode to exact zeros; an isolated zero decodes
+    to the lowest level.
+
+    Decoding is products of values read from the file, in float32 (the outer
+    product r ⊗ c, then × table[code]), so it gives the same bits everywhere."""
+
+    def __init__(self, levels: int, grid: str = "lloyd", iterations: int = 12, fit_sample: int = 1 << 20):
+        self.levels = levels
+        self.bits = math.log2(levels) if levels & (levels - 1) == 0 else 8 / _codes_per_byte(levels)
+        self.grid = grid
+        self.iterations = iterations
+        self.fit_sample = fit_sample
+        name = f"{int(self.bits)}" if levels & (levels - 1) == 0 else f"{levels}L"
+        self.name = f"log{name}" + ("" if grid == "lloyd" else f"-{grid}")
+
+    def keys(self, name):
+        return [f"{name}.codes", f"{name}.rows", f"{name}.cols", f"{name}.table"]
+
+    def _centres(self, residual: torch.Tensor) -> torch.Tensor:
+        step = max(1, residual.numel() // self.fit_sample)
+        sample = residual[::step].double()
+        if self.grid == "uniform":
+            return torch.linspace(float(residual.min()), float(residual.max()), self.levels, dtype=torch.float64)
+        centres = torch.quantile(sample, (torch.arange(self.levels, dtype=torch.float64) + 0.5) / self.levels)
+        for _ in range(self.iterations):
+            index = torch.bucketize(sample, (centres[1:] + centres[:-1]) / 2)
+            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, index, sample)
+            counts = torch.bincount(index, minlength=self.levels).double()
+            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+        return centres
+
+    def encode(self, name, value):
+        value = value.detach().float().cpu()
+        if value.dim() != 2:
+            raise ValueError(f"{name}: {self.name} stores a 2-D statistic, got shape {tuple(value.shape)}")
+        if not torch.isfinite(value).all() or (value < 0).any():
+            raise ValueError(f"{name}: {self.name} stores a finite non-negative statistic")
+        positive = value > 0
+        logs = torch.where(positive, value.clamp(min=torch.finfo(torch.float32).tiny).log2(), 0)
+        row_count = positive.sum(1)
+        row_log = logs.sum(1) / row_count.clamp(min=1)
+        col_count = positive.sum(0)
+        col_log = torch.where(positive, logs - row_log[:, None], 0).sum(0) / col_count.clamp(min=1)
+        rows = torch.where(row_count > 0, torch.exp2(row_log), 0.0).to(torch.bfloat16)
+        cols = torch.where(col_count > 0, torch.exp2(col_log), 0.0).to(torch.bfloat16)
+        base = rows.float()[:, None] * cols.float()[None, :]  # decode's product: the ratios are what it scales
+        live = positive & (base > 0)
+        ratio = torch.where(live, value / torch.where(base > 0, base, 1.0), 0.0)
+        residual = ratio[live].clamp(min=torch.finfo(torch.float32).tiny).log2()
+        if residual.numel() == 0:
+            codes = torch.zeros(value.shape, dtype=torch.uint8)
+            table = torch.ones(self.levels)
+        else:
+            centres = self._centres(residual)
+            bounds = ((centres[1:] + centres[:-1]) / 2).float()
+            chosen = torch.bucketize(residual, bounds, out_int32=True)
+            codes = torch.zeros(value.shape, dtype=torch.uint8)
+            codes[live] = chosen.to(torch.uint8)
+            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, chosen, ratio[live].double())
+            counts = torch.bincount(chosen, minlength=self.levels).double()
+            table = torch.where(counts > 0, sums / counts.clamp(min=1), torch.exp2(centres)).float()
+        return {f"{name}.codes": _pack_codes(codes, self.levels), f"{name}.rows": rows.contiguous(),
+                f"{name}.cols": cols.contiguous(), f"{name}.table": table.contiguous()}
+
+    def decode(self, name, get):
+        rows, cols, table = get(f"{name}.rows").float(), get(f"{name}.cols").float(), get(f"{name}.table")
+        codes = _unpack_codes(get(f"{name}.codes"), self.levels, rows.numel() * cols.numel())
+        return (rows[:, None] * cols[None, :]) * table[codes].reshape(rows.numel(), cols.numel())
+
+
+CODECS: dict[str, StateCodec] = {codec.name: codec for codec in
+                                 (StateCodec(), BFloat16Codec(), LogCodec(256), LogCodec(16), LogCodec(8), LogCodec(6))}
+STATE_FORMATS = tuple(CODECS)
+
+
+def codec_for(label: str) -> StateCodec:
+    """The codec a block file's FORMAT_KEY names ("log3/v1"), float32 without one."""
+    name, _, version = label.partition("/v")
+    if name not in CODECS or (version and int(version) > STATE_VERSION):
+        raise InputError(f"unknown state format {label!r} (this copal reads {', '.join(STATE_FORMATS)}, "
+                         f"version ≤ {STATE_VERSION})")
+    return CODECS[name]
+
+
 class _BlockedTensors:
-    """Tensors saved one file per block, with an index name → file."""
+    """Tensors saved one file per block, with an index name → file. A layer's
+    tensor may be stored encoded (a StateCodec); the file then names its format
+    in its metadata, and holds the codec's tensors for the layer."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_names: list[str] = []
+        self.pending_format: str | None = None  # None: plain tensors (float32 or the weights' dtype)
         self.index: dict[str, str] = {}
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, codec: StateCodec | None = None) -> None:
+        label = None if codec is None or codec.name == "float32" else f"{codec.name}/v{STATE_VERSION}"
+        if self.pending_names and label != self.pending_format:
+            raise RuntimeError(f"{name}: one block file holds one state format "
+                               f"({self.pending_format or 'float32'} already, {label or 'float32'} given)")
+        self.pending_format = label
+        self.pending_names.append(name)
+        if label is not None:  # encoded now: the float32 value need not wait for the end of the block
+            self.pending.update(codec.encode(name, tensor))
+            return
         tensor = tensor.detach().to("cpu").contiguous()
         if any(tensor.data_ptr() == other.data_ptr() for other in self.pending.values()):
             tensor = tensor.clone()  # layers may share a statistic; a file holds each tensor once
@@ -62,9 +251,10 @@ class _BlockedTensors:
         if not self.pending:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.pending, str(self.folder / _block_file(block)))
-        self.index.update({name: _block_file(block) for name in self.pending})
-        self.pending = {}
+        metadata = {FORMAT_KEY: self.pending_format} if self.pending_format else None
+        save_file(self.pending, str(self.folder / _block_file(block)), metadata=metadata)
+        self.index.update({name: _block_file(block) for name in self.pending_names})
+        self.pending, self.pending_names, self.pending_format = {}, [], None
 
     def close(self) -> None:
         if self.index:
@@ -74,7 +264,10 @@ class _BlockedTensors:
 class StepWriter:
     """Collects one step's masks, statistics and weights under a partial directory."""
 
-    def __init__(self, steps_dir: Path, step_id: int):
+    def __init__(self, steps_dir: Path, step_id: int, state_format: str = "float32"):
+        """`state_format`: how a new lineage's accumulated statistic is stored
+        (copal.state.CODECS; the config's `state.format`)."""
+        self.state_format = state_format
         self.final = steps_dir / str(step_id)
         self.partial = steps_dir / f".{step_id}.partial"
         if self.partial.exists():
@@ -166,24 +359,42 @@ class StepState:
             self._indexes[kind] = read_json(index_path, f"{kind} index") if index_path.exists() else {}
         return self._indexes[kind]
 
-    def _blocked(self, kind: str, name: str) -> torch.Tensor | None:
+    def _blocked(self, kind: str, name: str) -> tuple[torch.Tensor, StateCodec] | None:
         index = self._index(kind)
         if name not in index:
             return None
         path = self.folder / kind / index[name]
         with self._open(path) as handle:
             try:
-                return handle.get_tensor(name)
+                label = (handle.metadata() or {}).get(FORMAT_KEY)
+                codec = codec_for(label) if label else CODECS["float32"]
+                if kind == "weights":
+                    return handle.get_tensor(name), codec
+                return codec.decode(name, handle.get_tensor), codec
             except SafetensorError as error:
                 raise InputError(f"{path}: corrupt snapshot file ({error})") from None
+            except InputError as error:
+                raise InputError(f"{path}: {error}") from None
 
     def sensitivity(self, name: str) -> torch.Tensor | None:
-        return self._blocked("sensitivity", name)
+        """The accumulated statistic this step recorded for `name`, as float32,
+        decoded from its stored format (None: none recorded)."""
+        found = self._blocked("sensitivity", name)
+        return None if found is None else found[0]
+
+    def state_format(self, name: str) -> str | None:
+        """The format `name`'s accumulated statistic is stored in (None: none recorded)."""
+        index = self._index("sensitivity")
+        if name not in index:
+            return None
+        with self._open(self.folder / "sensitivity" / index[name]) as handle:
+            label = (handle.metadata() or {}).get(FORMAT_KEY)
+        return codec_for(label).name if label else "float32"
 
     def weight(self, name: str, dense: DenseWeights) -> torch.Tensor:
         """The layer's weight after this step: stored weights, else W0 ⊙ mask."""
         stored = self._blocked("weights", name)
         if stored is not None:
-            return stored
+            return stored[0]
         base = dense.get(name)
         return base * self.mask(name).to(base.dtype)

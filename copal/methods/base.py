@@ -106,5 +106,16 @@ class Method:
         normalised by its scale (each domain weighs the same) and summed."""
         return accumulate(previous, fresh, self._scale(fresh))
 
+    @property
+    def compact_state(self) -> bool:
+        """Whether the accumulated statistic holds one non-negative value per weight,
+        (out, in), so the accumulate regime may store it in a compact format
+        (copal.state): a per-layer statistic of the weight's shape, or a
+        whole-model one (COPAL's |∂L/∂W|). Wanda's (in,) and SparseGPT's Hessian
+        stay float32."""
+        if self.statistic is not None:
+            return self.statistic.value_shape(2, 3) == (2, 3)
+        return self.whole_model
+
     def _scale(self, fresh: torch.Tensor) -> torch.Tensor:
         return (self.statistic or Statistic).scale(fresh)
