@@ -20,8 +20,11 @@ from copal.config import RunConfig, build_config
 from copal.errors import InputError
 from copal.state import StepState, read_json
 
-# Keys that may differ between two invocations of the same run.
-_RUNTIME_KEYS = ("device",)
+# Keys that may differ between two invocations of the same run: where it computes, and
+# the stored form of the accumulated statistic (a lineage keeps its first step's format
+# whatever the config says later, copal.state), so a run started before `state` existed
+# resumes under a config that pins it.
+_RUNTIME_KEYS = ("device", "state")
 
 
 class RunDir:

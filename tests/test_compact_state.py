@@ -183,3 +183,19 @@ def test_compact_run_replays_bit_identically(tmp_path, data_dir, llama_dir, corp
     plain.run()
     step1 = [torch.equal(run.dir.step(1).mask(n), plain.dir.step(1).mask(n)) for n in run.dir.step(1).mask_names()]
     assert all(step1)  # step 1 uses S_1 itself, whatever the format
+
+
+def test_a_run_resumes_under_a_config_that_pins_another_format(tmp_path):
+    """The format is not part of a run's identity (a lineage keeps its first step's):
+    a run recorded under one format resumes under a config that pins another."""
+    from copal.config import RunConfig
+    from copal.rundir import RunDir, reconcile
+
+    recorded = RunConfig(model="m", domains=["text:a.txt"])
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.root.mkdir()
+    run_dir.write_config(recorded, {})
+    pinned = recorded.model_copy(update={"state": recorded.state.model_copy(update={"format": "float32"})})
+    assert reconcile(run_dir, pinned)[0].state.format == "float32"
+    with pytest.raises(InputError, match="holds a run of another config"):
+        reconcile(run_dir, recorded.model_copy(update={"sparsity": 0.6}))
