@@ -119,6 +119,14 @@ RAY_CONNECT_ATTEMPTS = 3
 RAY_CONNECT_PAUSE_S = 2.0
 
 
+class _WithoutSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_SIGTERM_WARNING = _WithoutSigtermWarning()
+
+
 def connect_ray(runner: Runner, attempts: int = RAY_CONNECT_ATTEMPTS) -> None:
     """Connect this process to the Ray cluster (Ray Client) before the flow starts; the
     flow's RayTaskRunner then uses this connection. One line (InputError) if it never does."""
@@ -127,10 +135,14 @@ def connect_ray(runner: Runner, attempts: int = RAY_CONNECT_ATTEMPTS) -> None:
     import ray
 
     address = f"ray://{runner.host}:{runner.port}"
-    # prefect-ray's runner may call ray.init again from the flow's thread; Ray then warns on
-    # stderr that it cannot set its SIGTERM handler outside the main thread. A driver that only
-    # submits tasks does not need one, and the warning would break the one-line error contract.
-    logging.getLogger("ray._private.worker").setLevel(logging.ERROR)
+    # The head's Ray Client server calls ray.init outside its main thread and warns that it
+    # cannot set a SIGTERM handler; the client streams that server log line to this process's
+    # stderr (logger ray.util.client.logsclient), where it would break the one-line error
+    # contract. A filter, not a level: ray.init's logging setup resets its loggers' levels
+    # and handlers, not their filters.
+    for name in ("ray.util.client.logsclient", "ray._private.worker"):
+        if _SIGTERM_WARNING not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_SIGTERM_WARNING)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address, **_ray_init_kwargs())
@@ -355,9 +367,8 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     where = parse_runner(runner)
     resources = grid.resources
     report = progress or (lambda what, done, total: None)
-    if where.cluster:
-        active = FlowRunContext.get().task_runner
-        check_cluster_resources(where, resources, getattr(active, "client", None) if where.kind == "dask" else None)
+    if where.kind == "dask":  # Ray's was checked before the flow started (run_benchmark)
+        check_cluster_resources(where, resources, FlowRunContext.get().task_runner.client)
     fingerprints = {}
     for spec in base.domains:  # bad data fails here, once; the cells then find the Arrow cache warm
         domain = ingest(spec, data_dir)
@@ -483,6 +494,13 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     (api or flows.api.TemporaryApi()).ready()
     if where.kind == "ray":
         connect_ray(where)  # the flow's RayTaskRunner finds this connection and uses it
+        try:  # an impossible request fails here, before the flow and its task runner start
+            check_cluster_resources(where, grid.resources)
+        except InputError:
+            import ray
+
+            ray.shutdown()
+            raise
     try:
         failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
             base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick,
