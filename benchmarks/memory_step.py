@@ -110,6 +110,19 @@ def run_step(folder: Path, config: dict) -> tuple[dict, float]:
     return json.loads(result.stdout.strip().splitlines()[-1]), process_peak_mb
 
 
+def step_figures(report: dict, process_peak_mb: float, disk_mb: float) -> dict:
+    """What a scale benchmark reports of one `run_step`: time, RSS at each stage, its
+    ratio to the model's bytes on disk, streaming, and the bytes the step wrote."""
+    step = report["record"]
+    return {"step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
+            "rss_after_imports_mb": round(report["after_imports_mb"], 1),
+            "rss_after_load_mb": round(report["after_load_mb"], 1),
+            "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
+            "step_peak_over_disk": round(step["peak_rss_mb"] / disk_mb, 3),
+            "process_peak_over_disk": round(process_peak_mb / disk_mb, 3),
+            "streaming": report["streaming"], "step_mb_written": round(report["step_bytes_written"] / 2**20, 1)}
+
+
 def build(folder: Path, layers: int, hidden: int) -> int:
     from transformers import LlamaConfig
 

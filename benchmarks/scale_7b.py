@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from memory_step import run_step, step_config, train_tokenizer
+from memory_step import run_step, step_config, step_figures, train_tokenizer
 
 
 def write_random_checkpoint(folder: Path, config, dtype: torch.dtype, shard_bytes: int) -> int:
@@ -118,14 +118,8 @@ def main(argv=None) -> dict:
     result = {"shape": shape, "stored_dtype": "bfloat16", "compute_dtype": args.dtype, "regime": args.regime,
               "shards": -(-disk_bytes // int(args.shard_gb * 1e9)), "disk_mb": round(disk_mb, 1),
               "calibration_tokens": args.nsamples * args.seqlen, "eval_tokens": args.eval_tokens,
-              "build_seconds": round(build_seconds, 1), "streaming": report["streaming"],
-              "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
+              "build_seconds": round(build_seconds, 1), **step_figures(report, process_peak_mb, disk_mb),
               "prune_seconds_per_block": round(step["prune_seconds"] / args.layers, 2),
-              "rss_after_imports_mb": round(report["after_imports_mb"], 1),
-              "rss_after_load_mb": round(report["after_load_mb"], 1),
-              "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
-              "process_peak_over_disk": round(process_peak_mb / disk_mb, 3),
-              "step_mb_written": round(report["step_bytes_written"] / 2**20, 1),
               "command": "python benchmarks/scale_7b.py" + (" " + " ".join(argv) if argv else "")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

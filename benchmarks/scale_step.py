@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memory_step import run_step, save_random_llama, step_config
+from memory_step import run_step, save_random_llama, step_config, step_figures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,17 +55,10 @@ def main(argv=None) -> dict:
         disk_bytes = sum(file.stat().st_size for file in shards)
         config = step_config(folder, "scale", args.nsamples, args.seqlen, args.eval_tokens)
         report, process_peak_mb = run_step(folder, config)
-    step = report["record"]
     disk_mb = disk_bytes / 2**20
     result = {"shape": shape, "parameter_mb": round(parameter_bytes / 2**20, 1), "shards": len(shards),
               "disk_mb": round(disk_mb, 1), "calibration_tokens": args.nsamples * args.seqlen,
-              "step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
-              "rss_after_imports_mb": round(report["after_imports_mb"], 1),
-              "rss_after_load_mb": round(report["after_load_mb"], 1),
-              "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
-              "step_peak_over_disk": round(step["peak_rss_mb"] / disk_mb, 3),
-              "process_peak_over_disk": round(process_peak_mb / disk_mb, 3),
-              "streaming": report["streaming"], "step_mb_written": round(report["step_bytes_written"] / 2**20, 1),
+              **step_figures(report, process_peak_mb, disk_mb),
               "command": "python benchmarks/scale_step.py" + (" " + " ".join(argv) if argv else "")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
