@@ -3,32 +3,21 @@ that does one continual run and returns its run directory; each cell is an MLflo
 child run under one parent run for the grid; the report (copal/bench_report.py)
 is written from the cells' directories once they have run.
 
-Where the cells run is the flow's task runner:
-
-* `local` (the default): Prefect's thread-pool runner in this process. Cells run
-  alone (the cost cells, and the first cell when nothing tells how much memory a
-  cell takes) run in this process with every core; the others run in a pool of
-  spawned processes, as many at once as fit in memory (or --jobs), sharing the
-  cores. A thread waits on each process, so Prefect sees every cell as a task
-  and only this process talks to Prefect's API.
-* `ray://HOST:PORT`: prefect-ray's RayTaskRunner on an existing Ray cluster
-  (Ray Client); each cell reserves `grid.resources` (num_cpus, memory, num_gpus).
-* `dask://HOST:PORT`: prefect-dask's DaskTaskRunner on an existing Dask scheduler;
-  each cell asks for the abstract worker resources CPU, MEMORY (bytes) and GPU
-  that it needs (workers declare them with `--resources`).
-
-On a cluster, the workers write the cells' directories: OUT, the data cache and
-the model must be at the same paths there (a shared file system), and the
-workers need copal installed and a Prefect server (PREFECT_API_URL) to report to.
+Where the cells run is the flow's task runner (flows/runners.py). Locally, cells run
+alone (the cost cells, and the first cell when nothing tells how much memory a cell
+takes) run in this process with every core; the others run in a pool of spawned
+processes, as many at once as fit in memory (or --jobs), sharing the cores. A thread
+waits on each process, so Prefect sees every cell as a task and only this process
+talks to Prefect's API. On a cluster each cell reserves `grid.resources`, and the
+workers write the cells' directories: OUT, the data cache and the model must be at
+the same paths there (a shared file system).
 MLflow is written only from this process, from what the cells recorded on disk.
 """
 
 import json
 import logging
 import os
-import socket
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,182 +30,14 @@ from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
 from copal.errors import InputError
-from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
+from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
                         default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
                         shared_dense)
+from flows.runners import Runner, attached, parse_runner, submit, task_runner
 
 log = logging.getLogger("copal")
 
 Progress = Callable[[str, int, int], None]
-RUNNER_FORMS = "local, ray://HOST:PORT or dask://HOST:PORT"
-# Passed to Ray workers with the job (Dask workers keep their own environment).
-WORKER_ENV = ("PREFECT_API_URL", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
-              "COPAL_DATA_DIR")
-
-
-@dataclass(frozen=True)
-class Runner:
-    kind: str  # local | ray | dask
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return self.kind if self.kind == "local" else f"{self.kind}://{self.host}:{self.port}"
-
-    @property
-    def cluster(self) -> bool:
-        return self.kind != "local"
-
-
-def parse_runner(text: str) -> Runner:
-    if text == "local":
-        return Runner("local")
-    scheme, separator, rest = text.partition("://")
-    host, _, port = rest.rpartition(":")
-    if scheme not in ("ray", "dask") or not separator or not host or not port.isdigit() or "/" in rest:
-        raise InputError(f"--runner {text}: expected {RUNNER_FORMS}")
-    return Runner(scheme, host.strip("[]"), int(port))
-
-
-def check_runner(runner: Runner) -> None:
-    """Before anything runs: the cluster answers, and there is a Prefect server its workers can report to."""
-    if not runner.cluster:
-        return
-    from prefect.settings import PREFECT_API_URL
-
-    try:
-        socket.create_connection((runner.host, runner.port), timeout=5).close()
-    except OSError as error:
-        raise InputError(f"--runner {runner}: cannot connect to {runner.host}:{runner.port} "
-                         f"({error.strerror or error}); is the {runner.kind} head/scheduler running there?") from None
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise InputError(f"--runner {runner}: the workers need a Prefect server to report to (each would "
-                         "otherwise start a temporary one of its own): run `prefect server start --host 0.0.0.0` "
-                         "and set PREFECT_API_URL=http://SERVER:4200/api here")
-    from urllib.request import urlopen
-
-    try:
-        urlopen(url.rstrip("/") + "/health", timeout=10).close()
-    except (OSError, ValueError) as error:
-        raise InputError(f"PREFECT_API_URL={url}: the Prefect server does not answer ({error})") from None
-
-
-def _ray_init_kwargs() -> dict:
-    from prefect.settings import PREFECT_API_URL
-
-    env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
-    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    return {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING}
-
-
-# Ray Client: for each connection the head's proxy forks a server process of its own
-# (ray_client_server_PORT). On a busy head that process can die during the fork, before it
-# writes a line (gRPC's fork handlers in the multi-threaded proxy, ray-project/ray#63202),
-# and ray.init fails with "Starting Ray client server failed". A new connection gets a new
-# process, so that failure (and only that) is retried, a bounded number of times.
-RAY_CONNECT_ATTEMPTS = 3
-RAY_CONNECT_PAUSE_S = 2.0
-
-
-class _WithoutSigtermWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-_SIGTERM_WARNING = _WithoutSigtermWarning()
-
-
-def connect_ray(runner: Runner, attempts: int = RAY_CONNECT_ATTEMPTS) -> None:
-    """Connect this process to the Ray cluster (Ray Client) before the flow starts; the
-    flow's RayTaskRunner then uses this connection. One line (InputError) if it never does."""
-    import time
-
-    import ray
-
-    address = f"ray://{runner.host}:{runner.port}"
-    # The head's Ray Client server calls ray.init outside its main thread and warns that it
-    # cannot set a SIGTERM handler; the client streams that server log line to this process's
-    # stderr (logger ray.util.client.logsclient), where it would break the one-line error
-    # contract. A filter, not a level: ray.init's logging setup resets its loggers' levels
-    # and handlers, not their filters.
-    for name in ("ray.util.client.logsclient", "ray._private.worker"):
-        if _SIGTERM_WARNING not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_SIGTERM_WARNING)
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(address, **_ray_init_kwargs())
-            return
-        except Exception as error:  # noqa: BLE001 - the last one becomes the one-line error
-            try:
-                ray.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            reason = lines[-1] if lines else type(error).__name__
-            startup = isinstance(error, ConnectionAbortedError) and "Starting Ray client server failed" in str(error)
-            if not startup or attempt == attempts:
-                tried = f" ({attempt} attempts)" if attempt > 1 else ""
-                raise InputError(f"--runner {runner}: Ray Client did not connect{tried}: {reason}; see "
-                                 "ray_client_server*.err in the head's session logs") from None
-            log.info("Ray Client connection %d of %d to %s failed (%s); retrying", attempt, attempts, address,
-                     reason)
-            time.sleep(RAY_CONNECT_PAUSE_S * attempt)
-
-
-def task_runner(runner: Runner, cells: int):
-    if runner.kind == "ray":
-        from prefect_ray import RayTaskRunner
-
-        return RayTaskRunner(address=f"ray://{runner.host}:{runner.port}", init_kwargs=_ray_init_kwargs())
-    if runner.kind == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=f"tcp://{runner.host}:{runner.port}")
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=max(1, cells))
-
-
-def _describe(resources: Resources) -> str:
-    return (f"grid.resources: cpus {resources.cpus or 1}, memory_gb {resources.memory_gb or 0:g}, "
-            f"gpus {resources.gpus:g}")
-
-
-def _dask_request(resources: Resources) -> dict[str, float]:
-    request = {}
-    if resources.cpus:
-        request["CPU"] = resources.cpus
-    if resources.memory_gb:
-        request["MEMORY"] = resources.memory_gb * 2**30
-    if resources.gpus:
-        request["GPU"] = resources.gpus
-    return request
-
-
-def check_cluster_resources(runner: Runner, resources: Resources, dask_client=None) -> None:
-    """A request that no worker can meet would wait forever: fail now instead."""
-    if runner.kind == "ray":
-        import ray
-
-        need = {"CPU": resources.cpus or 1, "memory": (resources.memory_gb or 0) * 2**30, "GPU": resources.gpus}
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        if any(all(node.get(key, 0) >= value for key, value in need.items()) for node in nodes):
-            return
-        have = "; ".join(f"CPU {node.get('CPU', 0):g}, memory {node.get('memory', 0) / 2**30:.1f} GB, "
-                         f"GPU {node.get('GPU', 0):g}" for node in nodes) or "no live node"
-        raise InputError(f"--runner {runner}: no Ray node can run a cell ({_describe(resources)}); "
-                         f"the nodes have: {have}")
-    if runner.kind == "dask":
-        request = _dask_request(resources)
-        workers = list(dask_client.scheduler_info(n_workers=-1)["workers"].values())
-        if any(all(worker.get("resources", {}).get(key, 0) >= value for key, value in request.items())
-               for worker in workers):
-            return
-        have = "; ".join(f"{worker.get('resources') or 'no resources'}" for worker in workers) or "no worker"
-        raise InputError(f"--runner {runner}: no Dask worker declares what a cell needs ({_describe(resources)}; "
-                         f"start workers with --resources "
-                         f"\"{','.join(f'{k}={v:g}' for k, v in request.items())}\"); the workers have: {have}")
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -360,15 +181,11 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
 
     The `alone` cells (default: the cost cells) run first, one at a time; then the rest at once (locally: as
     many as fit in memory, or --jobs; on a cluster: as its resources allow)."""
-    from prefect.context import FlowRunContext
-
     from copal.data import ingest
 
     where = parse_runner(runner)
     resources = grid.resources
     report = progress or (lambda what, done, total: None)
-    if where.kind == "dask":  # Ray's was checked before the flow started (run_benchmark)
-        check_cluster_resources(where, resources, FlowRunContext.get().task_runner.client)
     fingerprints = {}
     for spec in base.domains:  # bad data fails here, once; the cells then find the Arrow cache warm
         domain = ingest(spec, data_dir)
@@ -402,40 +219,26 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     workdir = os.getcwd() if where.cluster else None
     cluster_threads = resources.cpus or 1
 
-    def submit(cell: Cell, threads: int | None, pool: ProcessPoolExecutor | None = None):
+    def submit_cell(cell: Cell, threads: int | None, pool: ProcessPoolExecutor | None = None):
         dense = shared_dense(out_dir, cells, base, fingerprints)
         named = cell_task.with_options(task_run_name=f"cell {cell.id}")
         shown = None if where.cluster or pool is not None else progress
-        arguments = (configs[cell.id], str(cell_dir(out_dir, cell)), str(data_dir) if data_dir else None, threads,
-                     dense, workdir, pool, shown)
-        if where.kind == "ray":
-            from prefect_ray.context import remote_options
-
-            options = {"num_cpus": cluster_threads, "num_gpus": resources.gpus}
-            if resources.memory_gb:
-                options["memory"] = int(resources.memory_gb * 2**30)
-            with remote_options(**options):
-                return named.submit(*arguments)
-        if where.kind == "dask" and _dask_request(resources):
-            import dask
-
-            with dask.annotate(resources=_dask_request(resources)):
-                return named.submit(*arguments)
-        return named.submit(*arguments)
+        return submit(named, where, resources, configs[cell.id], str(cell_dir(out_dir, cell)),
+                      str(data_dir) if data_dir else None, threads, dense, workdir, pool, shown)
 
     local_threads = resources.cpus  # None: every core for a cell run alone
     first = [cell for cell in (cost_cells(cells) if alone is None else alone) if cell in pending]
     if not where.cluster and jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
         first = pending[:1]
     for cell in first:  # alone, one at a time
-        future = submit(cell, cluster_threads if where.cluster else local_threads)
+        future = submit_cell(cell, cluster_threads if where.cluster else local_threads)
         future.wait()
         finished(cell, future)
     pending = [cell for cell in pending if cell not in first]
     if not pending:
         return failures
     if where.cluster:
-        futures = {submit(cell, cluster_threads): cell for cell in pending}
+        futures = {submit_cell(cell, cluster_threads): cell for cell in pending}
         for future in as_completed(list(futures)):
             finished(futures[future], future)
         return failures
@@ -448,7 +251,7 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
         log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
     if jobs == 1 or len(pending) == 1:
         for cell in pending:
-            future = submit(cell, local_threads)
+            future = submit_cell(cell, local_threads)
             future.wait()
             finished(cell, future)
         return failures
@@ -457,7 +260,7 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {submit(cell, threads, pool): cell for cell in pending}
+        futures = {submit_cell(cell, threads, pool): cell for cell in pending}
         for future in as_completed(list(futures)):
             finished(futures[future], future)
     return failures
@@ -486,32 +289,17 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     if report_only:
         accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, measure=False)
         return write_outputs(base, cells, out_dir, quick, accuracy, None)
-    check_runner(where)
     if where.cluster:  # the workers see these paths, not this process's working directory
         out_dir = out_dir.resolve()
         data_dir = Path(data_dir or os.environ.get("COPAL_DATA_DIR") or _default_data_dir()).resolve()
     GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
-    (api or flows.api.TemporaryApi()).ready()
-    if where.kind == "ray":
-        connect_ray(where)  # the flow's RayTaskRunner finds this connection and uses it
-        try:  # an impossible request fails here, before the flow and its task runner start
-            check_cluster_resources(where, grid.resources)
-        except InputError:
-            import ray
-
-            ray.shutdown()
-            raise
-    try:
+    with attached(where, grid.resources):  # an impossible request fails here, before the flow starts
+        (api or flows.api.TemporaryApi()).ready()
         failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
             base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick,
             # On a cluster prefect-ray pickles the flow run's context, parameters included, with
             # each task; a display callback does not pickle, so the flow shows no progress there.
             progress=None if where.cluster else progress)
-    finally:
-        if where.kind == "ray":
-            import ray
-
-            ray.shutdown()
     accuracy = grid_accuracy(base, grid.tasks, cells, out_dir, progress)
     summary, written = write_outputs(base, cells, out_dir, quick, accuracy, where.kind)
     tracker = GridTracker(out_dir, tracking_uri)

@@ -224,3 +224,27 @@ def tiny_task(tmp_path_factory):
               "metadata": {"version": 1.0}}
     (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
     return folder, len(items), sha256
+
+
+# ----------------------------------------------------------------------------- clusters (loopback only)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A Ray head on this machine (2 CPUs, loopback only); its Ray Client address."""
+    from flows.local_cluster import ray_head
+
+    with ray_head(cpus=2) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(prefect_api):
+    """A Dask scheduler and one worker (2 threads, resources CPU=2) on 127.0.0.1 whose
+    worker reports to the test Prefect API; the runner address."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.local_cluster import dask_cluster
+
+    with dask_cluster(cpus=2, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}) as address:
+        yield address
