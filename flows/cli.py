@@ -26,9 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     err.print(f"copal: error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def command(function):
@@ -122,31 +122,83 @@ TrackingUri = Annotated[Optional[str], typer.Option(
 
 @command
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="Run config (YAML). Default: the offline demo config.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value or a.b=value.")] = [],
-    out: Annotated[Optional[Path], typer.Option(help="Run directory. Default: runs/<name>.")] = None,
+    configs: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[CONFIG]...", help="Run configs (YAML). Default: the offline demo config.")] = None,
+    sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,...: one run per value (repeat the option: every "
+                                                  "combination). Each run is named <name>-KEY-VALUE.")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config key in every run: key=value or "
+                                                          "a.b=value.")] = [],
+    runner: Annotated[str, typer.Option(help="Where the runs go: local (this machine, one at a time), "
+                                             "ray://HOST:PORT or dask://HOST:PORT (a cluster, at once). A cluster "
+                                             "needs PREFECT_API_URL (a Prefect server).")] = "local",
+    cpus: Annotated[Optional[int], typer.Option(help="Each run's torch threads (and CPUs reserved on a cluster). "
+                                                     "Default: as the process has them (1 on a cluster).")] = None,
+    memory_gb: Annotated[Optional[float], typer.Option(help="Memory each run reserves on a cluster.")] = None,
+    gpus: Annotated[float, typer.Option(help="GPUs each run reserves on a cluster.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory. Default: runs/<name>. With several runs "
+                                                     "(several configs or --sweep): the folder their run "
+                                                     "directories go in, OUT/<run name>; default runs.")] = None,
     tracking_uri: TrackingUri = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ):
-    """A continual run over the config's domains (Prefect flow, MLflow, DVC).
+    """A continual run over the config's domains (Prefect flow, MLflow, DVC); or several.
 
-    Rerunning the same command resumes at the first unrecorded step."""
-    from copal.config import load_config
-
-    from copal.continual import preflight
+    Several configs and/or --sweep: one run per config × sweep value, each checked before
+    any runs, as one Prefect flow of runs on --runner. Rerunning the same command resumes
+    each run at its first unrecorded step."""
+    from copal.sweep import check_runs, plan_runs, requested_resources
+    from flows.runners import parse_runner
 
     _setup_logging(verbose)
-    cfg = load_config(config, set_)
-    root = out or Path("runs") / cfg.name
-    api = TemporaryApi()
-    preflight(cfg, root)
+    where = parse_runner(runner)
+    resources = requested_resources(cpus, memory_gb, gpus)
+    planned, several = plan_runs(configs or [None], sweep, set_, out)
+    api = None if where.cluster else TemporaryApi()
+    if not several and not where.cluster:
+        _run_one(planned[0], resources, tracking_uri, api)
+        return
+    from flows import runs
+
+    data_dir = None
+    if where.cluster:
+        planned, data_dir, tracking_uri = runs.for_workers(planned, tracking_uri)
+    check_runs(planned, several, data_dir)
+    with progress_bar() as report:
+        failures = runs.run_all(planned, where, resources, tracking_uri, data_dir, api, report)
+    print_runs([run for run in planned if run.name not in failures])
+    if failures:
+        _fail(runs.failure_message(failures, len(planned)),
+              2 if all(isinstance(error, InputError) for error in failures.values()) else 1)
+
+
+def _run_one(planned, resources, tracking_uri: str | None, api: TemporaryApi) -> None:
+    """One run in this process: its PPL matrix, BWT and average PPL."""
+    from copal.continual import preflight
+
+    from flows.runs import torch_threads
+
+    preflight(planned.config, planned.directory)
     from flows.continual import continual_flow
 
     api.ready()
-    with progress_bar() as report:
-        metrics = continual_flow(cfg, root, tracking_uri, progress=report)
+    with progress_bar() as report, torch_threads(resources.cpus):
+        metrics = continual_flow(planned.config, planned.directory, tracking_uri, progress=report)
     print_summary(metrics)
-    err.print(f"run directory: {root}")
+    err.print(f"run directory: {planned.directory}")
+
+
+def print_runs(finished) -> None:
+    """One row per finished run: average PPL, BWT, run directory."""
+    fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+    table = Table(title="runs")
+    table.add_column("run", no_wrap=True)
+    table.add_column("avg PPL", justify="right")
+    table.add_column("BWT", justify="right")
+    table.add_column("run directory", overflow="fold")
+    for run in finished:
+        metrics = json.loads((run.directory / "metrics.json").read_text())
+        table.add_row(run.name, fmt(metrics["avg_ppl"]), fmt(metrics["bwt"]), str(run.directory))
+    Console(width=max(Console().width, 150)).print(table)
 
 
 @command

@@ -5,11 +5,18 @@ which leaves `steps/K.dvc` (to commit with git) and returns its content hash:
 the step's DVC revision. Inside `dvc repro` (DVC sets DVC_STAGE) the stage
 itself versions its outputs, and a nested `dvc add` would deadlock on DVC's
 repository lock, so the stage name is returned instead.
+
+DVC waits at most 3 s for its repository lock: a `dvc add` started while another one
+hashes a large step directory fails ("Unable to acquire lock"). Runs of one project that
+snapshot at the same time (`copal run --sweep` on a cluster) therefore take turns, on a
+file lock of their own (`exclusive_dvc_add`).
 """
 
+import fcntl
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -35,6 +42,16 @@ def dvc_root(path: Path) -> Path | None:
     return None
 
 
+@contextmanager
+def exclusive_dvc_add(root: Path):
+    """Exclusive, across processes, for the DVC project at `root` (released when the file closes)."""
+    folder = root / ".dvc" / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "copal-add.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def snapshot_step(step_dir: Path) -> str | None:
     """The step's DVC revision: an md5 from `dvc add`, `stage:NAME`, or None outside a DVC project."""
     if os.environ.get("DVC_STAGE"):
@@ -42,8 +59,9 @@ def snapshot_step(step_dir: Path) -> str | None:
     root = dvc_root(step_dir)
     if root is None:
         return None
-    result = subprocess.run([sys.executable, "-m", "dvc", "add", str(step_dir.resolve())],
-                            cwd=root, capture_output=True, text=True)
+    with exclusive_dvc_add(root):
+        result = subprocess.run([sys.executable, "-m", "dvc", "add", str(step_dir.resolve())],
+                                cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
         raise RuntimeError(f"dvc add {step_dir} failed: {lines[0]}")
