@@ -110,8 +110,8 @@ def _ablation_table(summary: dict) -> list[str]:
                     f"{_cost(cell)['prune_seconds']:.2f}{mark}"]
         lines.append("| " + " | ".join(row) + " |")
     if any(cell["id"] in alone for cell in variants):
-        lines += ["", "² ran alone, as a cost cell; the other cells of the grid ran two at a time, so their "
-                      "seconds compare with each other, not with this one."]
+        lines += ["", "² ran alone, as a cost cell; the other cells of the grid may have run several at a time, "
+                      "so their seconds compare with each other, not with this one."]
     return lines + [""]
 
 
@@ -128,8 +128,8 @@ def _cost_section(summary: dict) -> list[str]:
     if not chosen:
         return []
     lines = ["## Cost per step (50 % unstructured; accumulate, else reprune)", "",
-             "These cells ran alone, one at a time with every core, before the rest of the grid; a step is "
-             "calibration, the pruning pass and the evaluation.", "",
+             "These cells ran alone, one at a time, before the rest of the grid (with `grid.resources.cpus` "
+             "threads, every core when unset); a step is calibration, the pruning pass and the evaluation.", "",
              "| method | regime | mean s/step | mean pruning s/step | peak RSS MB |", "|---|---|---:|---:|---:|"]
     costs = {cell["method"]: _cost(cell) for cell in chosen}
     for cell in chosen:

@@ -1,5 +1,6 @@
 """The run configuration: a YAML file validated here (unknown keys are errors)."""
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -162,6 +163,21 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
         raise InputError(format_validation_error(error, source)) from None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 integers, which YAML 1.2 dropped:
+    unquoted `2:4` is the N:M structure, not the integer 124."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {first: list(resolvers) for first, resolvers
+                                         in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _digit in "0123456789":
+    _ConfigLoader.yaml_implicit_resolvers[_digit].insert(0, ("tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$")))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `key=value` / `a.b=value` overrides; values are parsed as YAML."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
@@ -175,7 +191,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"--set {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = load_yaml(value)
     return raw
 
 
@@ -183,7 +199,7 @@ def read_config_file(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):

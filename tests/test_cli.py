@@ -83,6 +83,17 @@ def test_bad_config_is_exit_2(tmp_path, llama_dir, corpus_dir, override, needle)
     assert not (tmp_path / "run").exists()
 
 
+def test_n_m_structures_read_unquoted_from_a_file_and_from_set(tmp_path, llama_dir, corpus_dir):
+    """YAML 1.1 reads unquoted 2:4 as the base-60 integer 124; configs and --set read it as 2:4."""
+    from copal.config import load_config
+
+    text = yaml.safe_dump(small_config(llama_dir, corpus_dir)).replace("structure: unstructured", "structure: 2:4")
+    (tmp_path / "c.yaml").write_text(text)
+    assert "structure: 2:4\n" in text and load_config(tmp_path / "c.yaml", []).structure == "2:4"
+    assert load_config(tmp_path / "c.yaml", ["structure=4:8"]).structure == "4:8"
+    assert load_config(tmp_path / "c.yaml", ["structure=unstructured", "sparsity=0.6"]).sparsity == 0.6
+
+
 def test_bad_inputs_are_exit_2(tmp_path, llama_dir, corpus_dir, tokenizer_dir, data_dir):
     empty, short, bad_jsonl = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "d.jsonl"
     empty.write_text("\n\n")
