@@ -133,15 +133,17 @@ def test_a_failed_run_costs_no_other(sweep, monkeypatch, error, code):
     assert result.stderr.strip().splitlines()[-1] == f"copal: error: 1 of 2 runs failed ({SWEPT['0.6']}: {error})"
 
 
-def test_a_sweep_on_dask_gives_the_local_numbers(dask_scheduler, sweep, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cluster", ["dask_scheduler", "ray_head"])
+def test_a_sweep_on_a_cluster_gives_the_local_numbers(cluster, request, sweep, tmp_path, monkeypatch):
+    runner = request.getfixturevalue(cluster)  # the session's Ray head is shared with test_bench_cluster.py
     config, many, data = sweep
     monkeypatch.setenv("COPAL_DATA_DIR", str(data))
-    result = invoke("run", config, "--sweep", "sparsity=0.4,0.6", "--cpus", 1, "--runner", dask_scheduler,
-                    "--out", tmp_path / "dask")
+    result = invoke("run", config, "--sweep", "sparsity=0.4,0.6", "--cpus", 1, "--runner", runner,
+                    "--out", tmp_path / "cluster")
     assert result.exit_code == 0, result.output
     for name in SWEPT.values():
-        assert _metrics(tmp_path / "dask" / name) == _metrics(many / name)
-        assert json.loads((tmp_path / "dask" / name / "tracking.json").read_text())["parent_run_id"]
+        assert _metrics(tmp_path / "cluster" / name) == _metrics(many / name)
+        assert json.loads((tmp_path / "cluster" / name / "tracking.json").read_text())["parent_run_id"]
 
 
 def test_dvc_adds_in_one_project_take_turns(tmp_path):
