@@ -142,6 +142,11 @@ def test_a_lineage_keeps_its_format_and_only_elementwise_statistics_compact(tmp_
     """Accumulate stores C_t in the parent's format (a float32 lineage stays
     float32 whatever the config says), a first step in the writer's; Wanda's (in,)
     statistic is always float32."""
+    from copal.methods import METHODS
+
+    compact = {name: METHODS[name]().compact_state for name in METHODS}
+    assert compact == {"magnitude": False, "wanda": False, "sparsegpt": False, "copal": True}
+    assert Copal(sensitivity="loss").compact_state and not Copal(reconstruct=True).compact_state
     accumulate = REGIMES["accumulate"]
     fresh = _statistic(seed=3)
     legacy = _write_step(tmp_path / "old", 1, {"l": _statistic(seed=4)}, "float32")

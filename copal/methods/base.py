@@ -39,6 +39,9 @@ class Statistic:
     # True when the statistic is a function of the layer's input alone: layers
     # that read the same input then share one accumulated value.
     input_only = False
+    # True when it holds one non-negative value per weight, (out, in): the accumulate
+    # regime may then store it in a compact format (copal.state).
+    per_weight = False
 
     def __init__(self, shape: tuple[int, int], device: torch.device):
         self.value = torch.zeros(self.value_shape(*shape), device=device)
@@ -108,14 +111,10 @@ class Method:
 
     @property
     def compact_state(self) -> bool:
-        """Whether the accumulated statistic holds one non-negative value per weight,
-        (out, in), so the accumulate regime may store it in a compact format
-        (copal.state): a per-layer statistic of the weight's shape, or a
-        whole-model one (COPAL's |∂L/∂W|). Wanda's (in,) and SparseGPT's Hessian
-        stay float32."""
-        if self.statistic is not None:
-            return self.statistic.value_shape(2, 3) == (2, 3)
-        return self.whole_model
+        """Whether the accumulate regime may store the accumulated statistic in a
+        compact format (copal.state): a per-weight layer statistic, or a whole-model
+        one (COPAL's |∂L/∂W|). Wanda's (in,) and SparseGPT's Hessian stay float32."""
+        return self.statistic.per_weight if self.statistic is not None else self.whole_model
 
     def _scale(self, fresh: torch.Tensor) -> torch.Tensor:
         return (self.statistic or Statistic).scale(fresh)

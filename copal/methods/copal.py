@@ -22,6 +22,8 @@ class OutputSensitivity(Statistic):
     """S_ij = Σ_tokens |y_i|·|x_j| = (|Y|ᵀ|X|)_ij: the magnitude of ∂(½‖y‖²)/∂W_ij
     summed per token."""
 
+    per_weight = True
+
     @staticmethod
     def value_shape(out_features, in_features):
         return (out_features, in_features)
