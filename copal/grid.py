@@ -347,8 +347,7 @@ def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir:
     from copal.model import load_model
 
     progress = progress or (lambda what, done, total: None)
-    folder = Path(out_dir) / "tasks"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out_dir) / "tasks"  # written (atomically, parents made) only when something is measured
     chosen = [cell for cell in cells if cell.id in tasks.cells and is_finished(out_dir, cell, len(base.domains))]
     progress("task accuracy", 0, len(chosen) + 1)
     dense = _accuracy(folder / "dense.json", tasks, base.device,

@@ -315,3 +315,7 @@ def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task)
     assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text
     assert "| wanda/reprune, 50 % unstructured |" in text and "the first 6 items" in text
     assert bench.grid_accuracy(grid["base"], bench.GridTasks(), grid["cells"], grid["out"]) is None
+    # Reporting only (copal bench --report-only) reads what is recorded and writes nothing.
+    elsewhere = grid["out"].parent / "report-only"
+    assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], elsewhere, measure=False) is None
+    assert not elsewhere.exists()
