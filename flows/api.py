@@ -10,6 +10,7 @@ inputs and imports the pipeline; `ready()` joins it before the flow starts
 production setting — there is nothing to start.
 """
 
+import logging
 import os
 import threading
 
@@ -17,6 +18,20 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A busy 2-core machine can take longer than the 20 s default to start the temporary API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+class _WithoutTemporaryServerLines(logging.Filter):
+    """Drops Prefect's 'Starting/Stopping temporary server on …' lines. The server starts
+    in the background while the command checks its inputs, so they would land around a
+    one-line input error (and, at exit, after it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "temporary server on http" not in record.getMessage()
+
+
+# Prefect's subprocess-server logger is its root logger, "prefect"; its logging setup
+# (dictConfig) keeps a logger's filters.
+logging.getLogger("prefect").addFilter(_WithoutTemporaryServerLines())
 
 
 class TemporaryApi:
