@@ -93,9 +93,11 @@ class Sweep(_Strict):
 
 
 class Variants(_Strict):
-    """COPAL/accumulate, unstructured, with one of COPAL_VARIANTS' changes, at these sparsities."""
+    """COPAL/accumulate with one of COPAL_VARIANTS' changes: unstructured at these
+    sparsities, and at these N:M structures (none by default)."""
 
     sparsities: list[Sparsity] = [0.5, 0.7]
+    structures: list[Literal["2:4", "4:8"]] = []
     names: list[Literal["loss", "raw", "max", "reconstruct"]] = ["loss", "raw", "max"]
 
 
@@ -149,6 +151,8 @@ def full_grid(grid: Grid = Grid()) -> list[Cell]:
         cells += [Cell(method, regime, "unstructured", sparsity) for method in grid.sweep.methods
                   if method != "magnitude" for regime in grid.sweep.regimes]
     cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in grid.variants.sparsities
+              for variant in grid.variants.names]
+    cells += [Cell("copal", "accumulate", structure, 0.5, variant) for structure in grid.variants.structures
               for variant in grid.variants.names]
     return list(dict.fromkeys(cells))
 
@@ -284,19 +288,13 @@ def run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int 
              progress: Progress | None = None, known_dense: dict | None = None) -> Path:
     """One cell, to the end of its domain sequence (resuming what is recorded), in this
     process with `threads` torch threads (None: as the process has them); its directory."""
-    import torch
-
     from copal.continual import ContinualRun
     from copal.metrics import limit_allocator_fragmentation
+    from copal.model import torch_threads
 
     limit_allocator_fragmentation()
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):  # restored: a cell may run in the caller's process
         ContinualRun(config, root, progress=progress, data_dir=data_dir, known_dense=known_dense).run()
-    finally:
-        torch.set_num_threads(before)  # the process's setting again (a cell may run in the caller's process)
     return Path(root)
 
 

@@ -9,6 +9,7 @@ import functools
 import itertools
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +29,21 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {name}: CUDA is not available on this machine")
     return torch.device(name)
+
+
+@contextmanager
+def torch_threads(threads: int | None, restore: bool = True):
+    """torch's thread count pinned to `threads` (None: left alone). `restore`: set it back
+    afterwards; not on a cluster worker whose process other runs share at the same time
+    (each sets its own: putting back what it found would change theirs mid-run)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads and restore:
+            torch.set_num_threads(before)
 
 
 def _check_model_dir(path: Path) -> None:

@@ -174,10 +174,10 @@ def run(
 def _run_one(planned, resources, tracking_uri: str | None, api: TemporaryApi) -> None:
     """One run in this process: its PPL matrix, BWT and average PPL."""
     from copal.continual import preflight
+    from copal.model import torch_threads
 
     preflight(planned.config, planned.directory)
     from flows.continual import continual_flow
-    from flows.runs import torch_threads
 
     api.ready()
     with progress_bar() as report, torch_threads(resources.cpus):

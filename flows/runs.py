@@ -9,7 +9,6 @@ not stop the others: `run_all` returns the failures.
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from prefect.futures import as_completed
 from copal.config import RunConfig
 from copal.errors import InputError
 from copal.grid import Resources
+from copal.model import torch_threads
 from copal.sweep import PlannedRun
 from flows.runners import Runner, attached, parse_runner, submit, task_runner
 
@@ -38,23 +38,6 @@ def for_workers(planned: list[PlannedRun], uri: str | None) -> tuple[list[Planne
 
     data_dir = Path(os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
     return [PlannedRun(run.name, run.config, run.directory.resolve()) for run in planned], data_dir, tracking_uri(uri)
-
-
-@contextmanager
-def torch_threads(threads: int | None, restore: bool = True):
-    """torch's thread count pinned to `threads` (None: left alone). `restore`: set it back
-    afterwards; not on a cluster worker, whose process other runs share at the same time
-    (each sets its own: putting back what it found would change theirs mid-run)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads and restore:
-            torch.set_num_threads(before)
 
 
 # Ray Client pickles the task's function by value, with the globals it uses: it only
