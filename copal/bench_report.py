@@ -84,24 +84,25 @@ def _metric_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
 
 
 def _ablation_table(summary: dict) -> list[str]:
-    """COPAL/accumulate per variant: average PPL, BWT and pruning seconds per sparsity."""
-    variants = [c for c in summary["cells"] if c["method"] == "copal" and c["regime"] == "accumulate"
-                and c["structure"] == "unstructured"]
-    sparsities = sorted({c["sparsity"] for c in variants if c["variant"]})
-    if not sparsities:
+    """COPAL/accumulate per variant: average PPL, BWT and pruning seconds per setting
+    (unstructured sparsities first, then N:M structures)."""
+    variants = [c for c in summary["cells"] if c["method"] == "copal" and c["regime"] == "accumulate"]
+    settings = sorted({(c["structure"] != "unstructured", c["structure"], c["sparsity"])
+                       for c in variants if c["variant"]})
+    if not settings:
         return []
-    lookup = {(c["variant"], c["sparsity"]): c for c in variants}
+    lookup = {(c["variant"], c["structure"], c["sparsity"]): c for c in variants}
     alone = set(summary["cost_cells"])
     head = ["variant", "what changes"]
-    for sparsity in sparsities:
-        head += [f"{round(sparsity * 100)} % avg PPL", f"{round(sparsity * 100)} % BWT",
-                 f"{round(sparsity * 100)} % pruning s/step"]
-    lines = ["## COPAL variants (accumulate, unstructured)", "",
+    for _, structure, sparsity in settings:
+        name = f"{round(sparsity * 100)} %" if structure == "unstructured" else structure
+        head += [f"{name} avg PPL", f"{name} BWT", f"{name} pruning s/step"]
+    lines = ["## COPAL variants (accumulate)", "",
              "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for variant, note in summary["notes"]["variants"].items():
         row = [variant or "default", note.replace("|", "\\|")]
-        for sparsity in sparsities:
-            cell = lookup.get((variant, sparsity))
+        for _, structure, sparsity in settings:
+            cell = lookup.get((variant, structure, sparsity))
             if cell is None:
                 row += ["", "", ""]
                 continue

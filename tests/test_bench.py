@@ -190,7 +190,8 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                          cell("wanda", "reprune", "2:4", avg=90.0, bwt=2.0),
                          cell("copal", "accumulate", avg=11.0, bwt=-0.5),
                          cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0),
-                         cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss")],
+                         cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss"),
+                         cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="reconstruct")],
                "missing": ["wanda-reprune-u50"]}
     text = report.write_markdown(summary)
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
@@ -203,11 +204,12 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
     assert "| wanda | reprune |  |  | 90.00 | 2.00 |" in text
     assert "| wanda | reprune |  |  |  |  |" not in text  # the sweep lists only what it swept
     assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text  # the variant stays out of it
-    assert "| 70 % avg PPL | 70 % BWT | 70 % pruning s/step |" in text
+    assert "| 70 % avg PPL | 70 % BWT | 70 % pruning s/step | 2:4 avg PPL | 2:4 BWT | 2:4 pruning s/step |" in text
     notes = {key: note.replace("|", "\\|") for key, note in bench.VARIANT_NOTES.items()}  # | in a table cell
-    assert f"| default | {notes['']} | 30.00 | -2.00 | 1.00 |" in text
-    assert f"| loss | {notes['loss']} | 28.00 | -3.00 | 1.00 |" in text
-    assert f"| raw | {notes['raw']} |  |  |  |" in text
+    assert f"| default | {notes['']} | 30.00 | -2.00 | 1.00 |  |  |  |" in text
+    assert f"| loss | {notes['loss']} | 28.00 | -3.00 | 1.00 |  |  |  |" in text
+    assert f"| raw | {notes['raw']} |  |  |  |  |  |  |" in text
+    assert f"| reconstruct | {notes['reconstruct']} |  |  |  | 60.00 | 0.50 | 1.00 |" in text
     assert "| copal | accumulate | 2.0 | 1.00 | 100 |" in text
     assert "Not yet run (1): wanda-reprune-u50." in text
 
@@ -257,14 +259,14 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
     base, grid = bench.load_bench_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
     cells = bench.full_grid(grid)
     ids = [cell.id for cell in cells]
-    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 4
+    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3 * 4
     assert {c.structure for c in cells} == {"unstructured", "2:4"}
     assert {(c.method, c.regime, c.sparsity) for c in cells if c.sparsity > 0.5} == {
         ("magnitude", "reprune", s) for s in (0.6, 0.7)} | {
         (m, r, s) for m in ("wanda", "copal") for r in ("reprune", "accumulate") for s in (0.6, 0.7)}
     assert ids[:13] == [c.id for c in bench.full_grid(grid) if c.sparsity == 0.5 and c.structure == "unstructured"
                         and not c.variant]  # the main table runs first
-    assert {c.id for c in cells if c.variant} == {f"copal-accumulate-u50-{v}"
+    assert {c.id for c in cells if c.variant} == {f"copal-accumulate-{shape}-{v}" for shape in ("u50", "u70", "2of4")
                                                    for v in ("loss", "raw", "max", "reconstruct")}
     bench.check_task_cells(grid.tasks, cells)
     assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
