@@ -216,6 +216,14 @@ def load_raw(path: Path | None, overrides: list[str] = (), default: Path = DEMO_
     return apply_overrides(raw, list(overrides))
 
 
+def load_run_raw(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> dict:
+    """load_raw for a run: a bench config's `grid:` section (what `copal bench` runs) is
+    not part of a run, so `copal run configs/smollm2.yaml` runs its base config."""
+    raw = load_raw(path, overrides, default)
+    raw.pop("grid", None)
+    return raw
+
+
 def load_config(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> RunConfig:
     """A config file (default: the demo config) with `key=value` overrides applied, validated."""
-    return build_config(load_raw(path, overrides, default), str(path or default))
+    return build_config(load_run_raw(path, overrides, default), str(path or default))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from copal.config import DEMO_CONFIG, RunConfig, build_config, load_raw
+from copal.config import DEMO_CONFIG, RunConfig, build_config, load_run_raw
 from copal.errors import InputError
 from copal.grid import Resources
 
@@ -75,7 +75,7 @@ def about(name: str | None):
 
 def _plan_one(path: Path | None, swept: tuple, overrides: list[str], parent: Path | None,
               several: bool) -> PlannedRun:
-    raw = load_raw(path, [*overrides, *(f"{key}={value}" for key, value in swept)])  # its errors name the file
+    raw = load_run_raw(path, [*overrides, *(f"{key}={value}" for key, value in swept)])  # errors name the file
     name = run_name(str(raw.get("name", RunConfig.model_fields["name"].default)), swept)
     with about(name if several else None):
         config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": name})

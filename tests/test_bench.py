@@ -270,6 +270,10 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
                                                    for v in ("loss", "raw", "max", "reconstruct")}
     bench.check_task_cells(grid.tasks, cells)
     assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
+    from copal.config import load_config
+
+    # `copal run configs/smollm2.yaml` runs the grid's base config (the grid section is bench-only)
+    assert load_config(PROJECT_ROOT / "configs" / "smollm2.yaml", []) == base
     # grid.cells narrows what runs; the accuracy cells stay checked against the whole grid
     raw = yaml.safe_load((PROJECT_ROOT / "configs" / "smollm2.yaml").read_text())
     raw["grid"]["cells"] = ["copal-accumulate-u50-reconstruct"]
