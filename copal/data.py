@@ -274,10 +274,15 @@ def _read_cached(path: Path, signature: str) -> tuple[str, dict] | None:
     return meta[b"fingerprint"].decode(), json.loads(meta[b"counts"])
 
 
+def arrow_dir(data_dir: Path | None = None) -> Path:
+    """The Arrow cache: `data_dir`, else $COPAL_DATA_DIR, else the project's data/arrow."""
+    return Path(data_dir or os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
 def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
     """Read a source into an Arrow file (once) and return it with its fingerprint."""
     source = parse_source(source) if isinstance(source, str) else source
-    data_dir = Path(data_dir or os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR)
+    data_dir = arrow_dir(data_dir)
     path = _cache_path(source, data_dir)
     signature = source_signature(source)
     cached = _read_cached(path, signature)

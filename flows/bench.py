@@ -291,7 +291,9 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         return write_outputs(base, cells, out_dir, quick, accuracy, None)
     if where.cluster:  # the workers see these paths, not this process's working directory
         out_dir = out_dir.resolve()
-        data_dir = Path(data_dir or os.environ.get("COPAL_DATA_DIR") or _default_data_dir()).resolve()
+        from copal.data import arrow_dir
+
+        data_dir = arrow_dir(data_dir).resolve()
     GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
     with attached(where, grid.resources):  # an impossible request fails here, before the flow starts
         (api or flows.api.TemporaryApi()).ready()
@@ -321,9 +323,3 @@ def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool
     written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
                write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
     return summary, written
-
-
-def _default_data_dir() -> Path:
-    from copal.data import DEFAULT_DATA_DIR
-
-    return Path(DEFAULT_DATA_DIR)

@@ -33,11 +33,11 @@ def for_workers(planned: list[PlannedRun], uri: str | None) -> tuple[list[Planne
     """What a cluster's workers are given, resolved here (they have neither this process's
     working directory nor its environment): the runs with absolute directories, the Arrow
     cache ($COPAL_DATA_DIR or the project's) and the MLflow tracking URI."""
-    from copal.data import DEFAULT_DATA_DIR
+    from copal.data import arrow_dir
     from tasks.tracking import tracking_uri
 
-    data_dir = Path(os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
-    return [PlannedRun(run.name, run.config, run.directory.resolve()) for run in planned], data_dir, tracking_uri(uri)
+    return ([PlannedRun(run.name, run.config, run.directory.resolve()) for run in planned], arrow_dir().resolve(),
+            tracking_uri(uri))
 
 
 # Ray Client pickles the task's function by value, with the globals it uses: it only

@@ -12,15 +12,14 @@ snapshot at the same time (`copal run --sweep` on a cluster) therefore take turn
 file lock of their own (`exclusive_dvc_add`).
 """
 
-import fcntl
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from copal.atomic import exclusive_lock
 from copal.continual import RunDir
 from copal.state import read_json, write_json
 
@@ -42,14 +41,9 @@ def dvc_root(path: Path) -> Path | None:
     return None
 
 
-@contextmanager
 def exclusive_dvc_add(root: Path):
-    """Exclusive, across processes, for the DVC project at `root` (released when the file closes)."""
-    folder = root / ".dvc" / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "copal-add.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    """Exclusive, across processes, for the DVC project at `root`."""
+    return exclusive_lock(root / ".dvc" / "tmp" / "copal-add.lock")
 
 
 def snapshot_step(step_dir: Path) -> str | None:

@@ -9,7 +9,6 @@ The default store is a SQLite file in the project. SQLite takes one writer at
 a time, so writes from concurrent runs are serialised with a file lock.
 """
 
-import fcntl
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from copal.atomic import exclusive_lock
 from copal.continual import RunDir
 from copal.errors import InputError
 from copal.model import weights_fingerprint
@@ -41,13 +41,8 @@ def store_lock(uri: str):
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def _client(uri: str):
