@@ -121,6 +121,18 @@ def _unpack_codes(packed: torch.Tensor, levels: int, count: int) -> torch.Tensor
     return torch.from_numpy(values.reshape(-1)[:count])
 
 
+def _level_of(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """`torch.bucketize(values, bounds)` (int32) for sorted bounds: how many bounds
+    each value exceeds. With few bounds, one comparison pass per bound is about 3x
+    faster than a binary search per value."""
+    if bounds.numel() > 15:
+        return torch.bucketize(values, bounds, out_int32=True)
+    level = torch.zeros(values.shape, dtype=torch.int32)
+    for bound in bounds:
+        level += values > bound
+    return level
+
+
 class LogCodec(StateCodec):
     """A non-negative (out, in) statistic as C_ij ≈ r_i · c_j · table[code_ij].
 
@@ -155,15 +167,28 @@ class LogCodec(StateCodec):
         return [f"{name}.codes", f"{name}.rows", f"{name}.cols", f"{name}.table"]
 
     def _centres(self, residual: torch.Tensor) -> torch.Tensor:
-        step = max(1, residual.numel() // self.fit_sample)
-        sample = residual[::step].double()
+        """Lloyd's 1-D k-means on a strided sample, started at its quantiles.
+
+        On the sorted sample every level is a contiguous run, so an iteration is a
+        binary search per boundary and a difference of prefix sums: O(levels · log n)
+        instead of a pass over the sample (a 1 M-value layer: 12 iterations in
+        microseconds, where bucketize + index_add_ took 0.3 s). Each level's mean is the
+        same as summing its values one by one, up to float64 rounding."""
         if self.grid == "uniform":
             return torch.linspace(float(residual.min()), float(residual.max()), self.levels, dtype=torch.float64)
-        centres = torch.quantile(sample, (torch.arange(self.levels, dtype=torch.float64) + 0.5) / self.levels)
+        step = max(1, residual.numel() // self.fit_sample)
+        sample = torch.from_numpy(np.sort(residual[::step].numpy())).double()  # numpy's sort: ~3x torch's
+        # torch.quantile's linear interpolation, on the sample already sorted (it would sort again)
+        ranks = (torch.arange(self.levels, dtype=torch.float64) + 0.5) / self.levels * (sample.numel() - 1)
+        below = ranks.long()
+        centres = torch.lerp(sample[below], sample[ranks.ceil().long()], ranks - below)
+        prefix = torch.cat([torch.zeros(1, dtype=torch.float64), sample.cumsum(0)])
         for _ in range(self.iterations):
-            index = torch.bucketize(sample, (centres[1:] + centres[:-1]) / 2)
-            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, index, sample)
-            counts = torch.bincount(index, minlength=self.levels).double()
+            # bucketize's levels: level k holds bounds[k-1] < x <= bounds[k]
+            ends = torch.searchsorted(sample, (centres[1:] + centres[:-1]) / 2, right=True)
+            edges = torch.cat([torch.zeros(1, dtype=torch.long), ends, torch.tensor([sample.numel()])])
+            counts = (edges[1:] - edges[:-1]).double()
+            sums = prefix[edges[1:]] - prefix[edges[:-1]]
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
         return centres
 
@@ -184,17 +209,21 @@ class LogCodec(StateCodec):
         base = rows.float()[:, None] * cols.float()[None, :]  # decode's product: the ratios are what it scales
         live = positive & (base > 0)
         ratio = torch.where(live, value / torch.where(base > 0, base, 1.0), 0.0)
-        residual = ratio[live].clamp(min=torch.finfo(torch.float32).tiny).log2()
+        everywhere = bool(live.all())  # the usual case: skip the masked gathers and the scatter
+        live_ratio = ratio.reshape(-1) if everywhere else ratio[live]
+        residual = live_ratio.clamp(min=torch.finfo(torch.float32).tiny).log2()
         if residual.numel() == 0:
             codes = torch.zeros(value.shape, dtype=torch.uint8)
             table = torch.ones(self.levels)
         else:
             centres = self._centres(residual)
-            bounds = ((centres[1:] + centres[:-1]) / 2).float()
-            chosen = torch.bucketize(residual, bounds, out_int32=True)
-            codes = torch.zeros(value.shape, dtype=torch.uint8)
-            codes[live] = chosen.to(torch.uint8)
-            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, chosen, ratio[live].double())
+            chosen = _level_of(residual, ((centres[1:] + centres[:-1]) / 2).float())
+            if everywhere:
+                codes = chosen.to(torch.uint8).reshape(value.shape)
+            else:
+                codes = torch.zeros(value.shape, dtype=torch.uint8)
+                codes[live] = chosen.to(torch.uint8)
+            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, chosen, live_ratio.double())
             counts = torch.bincount(chosen, minlength=self.levels).double()
             table = torch.where(counts > 0, sums / counts.clamp(min=1), torch.exp2(centres)).float()
         return {f"{name}.codes": _pack_codes(codes, self.levels), f"{name}.rows": rows.contiguous(),

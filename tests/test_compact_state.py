@@ -15,7 +15,7 @@ from copal.config import build_config
 from copal.errors import InputError
 from copal.methods import Copal, Wanda
 from copal.regimes import REGIMES
-from copal.state import CODECS, FORMAT_KEY, LogCodec, StepState, StepWriter, _pack_codes, _unpack_codes
+from copal.state import CODECS, FORMAT_KEY, LogCodec, StepState, StepWriter, _level_of, _pack_codes, _unpack_codes
 
 
 def _statistic(rows=96, cols=80, seed=0) -> torch.Tensor:
@@ -27,6 +27,35 @@ def _statistic(rows=96, cols=80, seed=0) -> torch.Tensor:
     value[3] = 0
     value[:, 5] = 0
     return value
+
+
+def _plain_lloyd(sample: torch.Tensor, levels: int, iterations: int) -> torch.Tensor:
+    """The textbook fit the codec speeds up: assign every value, average each level."""
+    centres = torch.quantile(sample, (torch.arange(levels, dtype=torch.float64) + 0.5) / levels)
+    for _ in range(iterations):
+        index = torch.bucketize(sample, (centres[1:] + centres[:-1]) / 2)
+        sums = torch.zeros(levels, dtype=torch.float64).index_add_(0, index, sample)
+        counts = torch.bincount(index, minlength=levels).double()
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    return centres
+
+
+@pytest.mark.parametrize("levels", [6, 8, 256])
+@pytest.mark.parametrize("values", ["skewed", "4-bit grid"])
+def test_fast_lloyd_fit_and_levels_are_the_plain_algorithms(levels, values):
+    """The encoder's sorted-sample Lloyd (prefix sums) and comparison-count levels are
+    speed-ups, not approximations: the same centres up to float64 rounding, the same
+    level for every value (ties on a bound included), from a strided sample too."""
+    generator = torch.Generator().manual_seed(levels)
+    if values == "skewed":
+        residual = torch.randn(60_000, generator=generator) * 2 + torch.rand(60_000, generator=generator).log()
+    else:  # many exact ties, some on a boundary between two levels
+        residual = torch.randint(-8, 8, (60_000,), generator=generator).float() / 4
+    codec = LogCodec(levels, fit_sample=20_000)  # every 3rd value
+    fitted = codec._centres(residual)
+    assert torch.allclose(fitted, _plain_lloyd(residual[::3].double(), levels, codec.iterations), rtol=0, atol=1e-12)
+    bounds = ((fitted[1:] + fitted[:-1]) / 2).float()
+    assert torch.equal(_level_of(residual, bounds), torch.bucketize(residual, bounds, out_int32=True))
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "log8", "log4", "log3", "log6L"])
