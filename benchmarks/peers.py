@@ -123,6 +123,7 @@ def copal_child(spec: dict) -> None:
 
     import copal.continual as continual
     from copal.config import build_config
+    from copal.export import export_step
     from copal.metrics import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()  # as the command line does
@@ -156,8 +157,10 @@ def copal_child(spec: dict) -> None:
               "calibration_same_order": fed == windows["input_ids"], "code": code_state()}
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
-    run.model.save_pretrained(out, safe_serialization=True)
-    run.tokenizer.save_pretrained(out)
+    # the model streams its blocks (its skeleton holds no weights): record the step and
+    # export it, as `copal export` does
+    run.finish_step(pending, run.evaluate(pending))
+    export_step(run_dir, pending.step_id, out)
     Path(spec["result"]).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result), flush=True)
 

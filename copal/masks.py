@@ -42,6 +42,22 @@ def _kth_and_next(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             torch.from_numpy(partitioned[..., k:].min(axis=-1, keepdims=True)))
 
 
+def _drop_lowest_of_few(score: torch.Tensor, count: int) -> torch.Tensor:
+    """drop_lowest for a last dimension of at most 4 (2:4 groups): each score's place
+    in the stable ascending sort from its pairwise comparisons (6 for 4 values), the
+    first `count` dropped. 2-7x faster than selecting per group: SparseGPT chooses
+    a 2:4 mask every 4 columns."""
+    values = score.detach().numpy()
+    place = np.zeros(values.shape, dtype=np.int8)
+    width = values.shape[-1]
+    for left in range(width):
+        for right in range(left + 1, width):
+            right_first = values[..., left] > values[..., right]  # a tie keeps the left one first
+            place[..., left] += right_first
+            place[..., right] += ~right_first
+    return torch.from_numpy(place >= count)
+
+
 def drop_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
     """Keep-mask that drops the `count` lowest scores along the last dimension.
 
@@ -55,6 +71,8 @@ def drop_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
         return torch.ones_like(score, dtype=torch.bool)
     if count >= score.shape[-1]:
         return torch.zeros_like(score, dtype=torch.bool)
+    if score.shape[-1] <= 4 and score.device.type == "cpu":
+        return _drop_lowest_of_few(score, count)
     threshold, above = _kth_and_next(score, count)
     drop = score <= threshold
     straddling = (above == threshold).squeeze(-1)

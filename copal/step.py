@@ -54,6 +54,7 @@ class StepPolicy:
         return new_weight
 
     def finish_block(self, index: int) -> None:
+        self.method.finish_block()
         self.writer.finish_block(index)
 
 

@@ -68,5 +68,8 @@ def test_drop_lowest_equals_a_stable_sort_with_ties_and_forced_positions(levels)
     score[torch.rand(64, 96, generator=g) < 0.1] = float("-inf")  # sequential's forced prunes
     for count in (0, 1, 17, 48, 95, 96):
         assert torch.equal(drop_lowest(score, count), _stable_sort_reference(score, count)), count
-    grouped = score.reshape(64, 24, 4)
-    assert torch.equal(drop_lowest(grouped, 2), _stable_sort_reference(grouped, 2))
+    for width in (2, 3, 4, 8):  # N:M groups; up to 4 wide they take the pairwise path
+        grouped = score.reshape(64, -1, width)
+        for count in range(1, width):
+            assert torch.equal(drop_lowest(grouped, count), _stable_sort_reference(grouped, count)), (width, count)
+            assert torch.equal(drop_lowest(grouped[:, 0], count), _stable_sort_reference(grouped[:, 0], count))

@@ -1,5 +1,6 @@
 """Each method's statistic and score against a direct computation."""
 
+import pytest
 import torch
 
 from copal.masks import Structure
@@ -130,3 +131,39 @@ def test_copal_reconstruct_keeps_copals_mask_and_lowers_the_output_error():
     assert torch.allclose(s.mean(), torch.tensor(1.0)) and torch.allclose(h.diagonal().mean(), torch.tensor(1.0))
     twice = Copal(reconstruct=True).combine(combined, stacked * 3)
     assert torch.allclose(twice, 2 * combined)
+
+
+@pytest.mark.parametrize("method, regime, extra", [("sparsegpt", "reprune", {}), ("sparsegpt", "accumulate", {}),
+                                                   ("copal", "accumulate", {"copal": {"reconstruct": True}})])
+def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_dir, data_dir, monkeypatch,
+                                                    method, regime, extra):
+    """q/k/v and gate/up have equal Hessians, so a LLaMA block needs 4 inverse
+    factorisations, not 7, and reusing them changes no bit of the masks or weights."""
+    from safetensors.torch import load_file
+
+    from conftest import small_config
+    from copal.config import build_config
+    from copal.continual import ContinualRun
+    from copal.methods import sparsegpt
+
+    calls = []
+    factorise = sparsegpt._inverse_cholesky
+    monkeypatch.setattr(sparsegpt, "_inverse_cholesky", lambda *args: calls.append(args[2]) or factorise(*args))
+
+    def run(root):
+        config = build_config(small_config(llama_dir, corpus_dir, method=method, regime=regime,
+                                           domains=small_config(llama_dir, corpus_dir)["domains"][:2], **extra))
+        ContinualRun(config, root, data_dir=data_dir).run()
+        return {path.relative_to(root): load_file(path) for path in sorted(root.glob("steps/**/*.safetensors"))}
+
+    shared = run(tmp_path / "shared")
+    assert len(calls) == 2 * 2 * 4  # 2 steps x 2 blocks x (qkv, o, gate/up, down)
+    assert {name.rsplit(".", 1)[-1] for name in calls} == {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    original_get = sparsegpt.InverseFactors.get
+    monkeypatch.setattr(sparsegpt.InverseFactors, "get",
+                        lambda self, *args: self.clear() or original_get(self, *args))  # never reuse
+    alone = run(tmp_path / "alone")
+    assert len(calls) == 2 * 2 * 4 + 2 * 2 * 7
+    assert shared.keys() == alone.keys() and any("weights" in str(path) for path in shared)  # masks, weights, state
+    for path, tensors in shared.items():
+        assert all(torch.equal(tensors[key], alone[path][key]) for key in tensors), path

@@ -98,6 +98,9 @@ class Method:
         `layer`: the layer's name, for messages."""
         return select_mask(self.score(weight.float(), stat), structure, forced_prune), None
 
+    def finish_block(self) -> None:
+        """The layer-wise pass finished a block: drop anything kept for its layers."""
+
     def model_statistic(self, model: nn.Module, batches: list[torch.Tensor], device: torch.device,
                         names: list[str]) -> dict[str, torch.Tensor] | None:
         """The statistic of every named layer from one whole-model computation on

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from copal.masks import select_mask
 from copal.methods.base import Method, Statistic, accumulate
-from copal.methods.sparsegpt import Hessian, sparsegpt_prune
+from copal.methods.sparsegpt import Hessian, InverseFactors, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 
 
@@ -96,6 +96,7 @@ class Copal(Method):
         self.reduce = reduce
         self.reconstruct = reconstruct
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
+        self.factors = InverseFactors()
         if sensitivity == "loss":
             self.statistic = None
         else:
@@ -115,7 +116,11 @@ class Copal(Method):
             return super().prune(weight, stat, structure, forced_prune, layer)
         sensitivity, hessian = split_hessian(stat)
         keep = select_mask(self.score(weight.float(), sensitivity), structure, forced_prune)
-        return sparsegpt_prune(weight, hessian, structure, forced_prune, self.blocksize, self.dampening, layer, keep)
+        return sparsegpt_prune(weight, hessian, structure, forced_prune, self.blocksize, self.dampening, layer, keep,
+                               self.factors)
+
+    def finish_block(self):
+        self.factors.clear()
 
     def model_statistic(self, model, batches, device, names):
         return loss_gradient_statistic(model, batches, device, names)
