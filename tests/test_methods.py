@@ -150,10 +150,11 @@ def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_
     factorise = sparsegpt._inverse_cholesky
     monkeypatch.setattr(sparsegpt, "_inverse_cholesky", lambda *args: calls.append(args[2]) or factorise(*args))
 
+    raw = small_config(llama_dir, corpus_dir, method=method, regime=regime, **extra)
+    raw["domains"] = raw["domains"][:2]
+
     def run(root):
-        config = build_config(small_config(llama_dir, corpus_dir, method=method, regime=regime,
-                                           domains=small_config(llama_dir, corpus_dir)["domains"][:2], **extra))
-        ContinualRun(config, root, data_dir=data_dir).run()
+        ContinualRun(build_config(raw), root, data_dir=data_dir).run()
         return {path.relative_to(root): load_file(path) for path in sorted(root.glob("steps/**/*.safetensors"))}
 
     shared = run(tmp_path / "shared")
