@@ -97,7 +97,9 @@ def plain_eval(model, windows, batch_size) -> float:
 def measure_passes(model_dir: str, args, scratch: Path) -> dict:
     """Each method's pruning pass (best of --repeats), and the plain decoder forward."""
     from copal.continual import ContinualRun
+    from copal.model import load_model
 
+    resident, _ = load_model(str(ROOT / model_dir))  # the floor: plain transformers, every block in memory
     results = {}
     for method, regime in PASSES:
         run = ContinualRun(step_config(model_dir, args, method=method, regime=regime),
@@ -111,8 +113,8 @@ def measure_passes(model_dir: str, args, scratch: Path) -> dict:
         if "forward" not in results:
             pending = run.start_step(0)
             run.calibrate(pending)
-            plain_forward(run.model, pending.batches[:1])  # warm-up
-            results["forward"] = best_of(args.repeats, plain_forward, run.model, pending.batches)
+            plain_forward(resident, pending.batches[:1])  # warm-up
+            results["forward"] = best_of(args.repeats, plain_forward, resident, pending.batches)
             one_pass()  # warm-up
         results[f"{method}/{regime}"] = best_of(args.repeats, one_pass)
         print(f"  pass {method}/{regime}: {results[f'{method}/{regime}']}", flush=True)
@@ -124,13 +126,16 @@ def measure_eval(model_dir: str, args, scratch: Path) -> dict:
     from copal import metrics
     from copal.continual import ContinualRun
 
-    run = ContinualRun(step_config(model_dir, args), scratch / "eval")
-    windows = run.windows(run.domains[0])
-    metrics.perplexity(run.model, windows[:2], run.device, args.eval_batch_size)  # warm-up
+    from copal.model import load_model
+
+    run = ContinualRun(step_config(model_dir, args), scratch / "eval")  # as a run evaluates (streaming blocks)
+    resident, _ = load_model(str(ROOT / model_dir))  # the plain loop's model: every block in memory
+    windows = run.domains.windows(run.domains[0])
+    metrics.perplexity(run.model, windows[:2], run.device, args.eval_batch_size, run.stream)  # warm-up
     library, plain = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine
-        library.append(timed(metrics.perplexity, run.model, windows, run.device, args.eval_batch_size))
-        plain.append(timed(plain_eval, run.model, windows, args.eval_batch_size))
+        library.append(timed(metrics.perplexity, run.model, windows, run.device, args.eval_batch_size, run.stream))
+        plain.append(timed(plain_eval, resident, windows, args.eval_batch_size))
     ppl, tokens = library[0][2]
     library_seconds, plain_seconds = min(r[0] for r in library), min(r[0] for r in plain)
     return {"tokens": tokens, "windows": len(windows), "batch_size": args.eval_batch_size,
