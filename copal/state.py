@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -66,7 +67,8 @@ class StateCodec:
     bits = 32.0
 
     def encode(self, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: value.detach().float().cpu().contiguous()}
+        """The tensors to store, on `value`'s device."""
+        return {name: value.detach().float().contiguous()}
 
     def decode(self, name: str, get) -> torch.Tensor:
         """`get(key)`: a tensor of the block file."""
@@ -83,7 +85,7 @@ class BFloat16Codec(StateCodec):
     bits = 16.0
 
     def encode(self, name, value):
-        return {name: value.detach().cpu().to(torch.bfloat16).contiguous()}
+        return {name: value.detach().to(torch.bfloat16).contiguous()}
 
 
 def _codes_per_byte(levels: int) -> int:
@@ -95,17 +97,20 @@ def _codes_per_byte(levels: int) -> int:
 
 
 def _pack_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """Codes < levels, packed: a power of two as log2(levels) bit planes, each
-    bit-packed (log2(levels)/8 bytes a code); other counts as base-`levels`
-    digits, as many to a byte as fit (6 levels: 3 a byte, 8/3 bits a code)."""
-    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    """Codes < levels, packed on their own device: a power of two as log2(levels) bit
+    planes, each bit-packed (log2(levels)/8 bytes a code); other counts as
+    base-`levels` digits, as many to a byte as fit (6 levels: 3 a byte, 8/3 bits a code)."""
+    flat = codes.reshape(-1).to(torch.int32)
     if levels & (levels - 1) == 0:
-        return torch.from_numpy(np.concatenate([np.packbits((flat >> p) & 1) for p in range(levels.bit_length() - 1)]))
+        planes = [(flat >> p) & 1 for p in range(levels.bit_length() - 1)]
+        if flat.device.type == "cpu":  # numpy's packbits: ~50x the arithmetic below on the CPU
+            return torch.from_numpy(np.concatenate([np.packbits(plane.to(torch.uint8).numpy()) for plane in planes]))
+        first_bit_high = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=flat.device)
+        return torch.cat([(nn.functional.pad(plane, (0, -plane.numel() % 8)).reshape(-1, 8) * first_bit_high)
+                          .sum(1).to(torch.uint8) for plane in planes])
     per_byte = _codes_per_byte(levels)
-    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.int64)
-    padded[:flat.size] = flat
-    digits = padded.reshape(-1, per_byte)
-    return torch.from_numpy((digits * levels ** np.arange(per_byte)).sum(1).astype(np.uint8))
+    digits = nn.functional.pad(flat, (0, -flat.numel() % per_byte)).reshape(-1, per_byte)
+    return (digits * levels ** torch.arange(per_byte, dtype=torch.int32, device=flat.device)).sum(1).to(torch.uint8)
 
 
 def _unpack_codes(packed: torch.Tensor, levels: int, count: int) -> torch.Tensor:
@@ -127,10 +132,21 @@ def _level_of(values: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     faster than a binary search per value."""
     if bounds.numel() > 15:
         return torch.bucketize(values, bounds, out_int32=True)
-    level = torch.zeros(values.shape, dtype=torch.int32)
+    level = torch.zeros(values.shape, dtype=torch.int32, device=values.device)
     for bound in bounds:
         level += values > bound
     return level
+
+
+def _sums_by_level(values: torch.Tensor, levels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Σ values per level (float64). On the CPU index_add_ sums in order; on a GPU it would
+    add atomically in any order, so there the values are sorted by level (stably) and each
+    level's sum is a difference of prefix sums: the same every time."""
+    if values.device.type == "cpu":
+        return torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, levels, values)
+    prefix = torch.cat([values.new_zeros(1), values[torch.argsort(levels, stable=True)].cumsum(0)])
+    ends = counts.cumsum(0)
+    return prefix[ends] - prefix[ends - counts]
 
 
 class LogCodec(StateCodec):
@@ -174,26 +190,34 @@ class LogCodec(StateCodec):
         instead of a pass over the sample (a 1 M-value layer: 12 iterations in
         microseconds, where bucketize + index_add_ took 0.3 s). Each level's mean is the
         same as summing its values one by one, up to float64 rounding."""
+        device = residual.device
         if self.grid == "uniform":
-            return torch.linspace(float(residual.min()), float(residual.max()), self.levels, dtype=torch.float64)
+            return torch.linspace(float(residual.min()), float(residual.max()), self.levels, dtype=torch.float64,
+                                  device=device)
         step = max(1, residual.numel() // self.fit_sample)
-        sample = torch.from_numpy(np.sort(residual[::step].numpy())).double()  # numpy's sort: ~3x torch's
+        if device.type == "cpu":  # numpy's sort: ~3x torch's on the CPU
+            sample = torch.from_numpy(np.sort(residual[::step].numpy())).double()
+        else:
+            sample = residual[::step].sort().values.double()
         # torch.quantile's linear interpolation, on the sample already sorted (it would sort again)
-        ranks = (torch.arange(self.levels, dtype=torch.float64) + 0.5) / self.levels * (sample.numel() - 1)
+        ranks = (torch.arange(self.levels, dtype=torch.float64, device=device) + 0.5) / self.levels
+        ranks = ranks * (sample.numel() - 1)
         below = ranks.long()
         centres = torch.lerp(sample[below], sample[ranks.ceil().long()], ranks - below)
-        prefix = torch.cat([torch.zeros(1, dtype=torch.float64), sample.cumsum(0)])
+        prefix = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), sample.cumsum(0)])
+        first, last = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([sample.numel()], device=device)
         for _ in range(self.iterations):
             # bucketize's levels: level k holds bounds[k-1] < x <= bounds[k]
             ends = torch.searchsorted(sample, (centres[1:] + centres[:-1]) / 2, right=True)
-            edges = torch.cat([torch.zeros(1, dtype=torch.long), ends, torch.tensor([sample.numel()])])
+            edges = torch.cat([first, ends, last])
             counts = (edges[1:] - edges[:-1]).double()
             sums = prefix[edges[1:]] - prefix[edges[:-1]]
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
         return centres
 
     def encode(self, name, value):
-        value = value.detach().float().cpu()
+        """Encoded on `value`'s device (the writer moves the result to the CPU)."""
+        value = value.detach().float()
         if value.dim() != 2:
             raise ValueError(f"{name}: {self.name} stores a 2-D statistic, got shape {tuple(value.shape)}")
         if not torch.isfinite(value).all() or (value < 0).any():
@@ -212,19 +236,19 @@ class LogCodec(StateCodec):
         everywhere = bool(live.all())  # the usual case: skip the masked gathers and the scatter
         live_ratio = ratio.reshape(-1) if everywhere else ratio[live]
         residual = live_ratio.clamp(min=torch.finfo(torch.float32).tiny).log2()
+        codes = torch.zeros(value.shape, dtype=torch.uint8, device=value.device)
         if residual.numel() == 0:
-            codes = torch.zeros(value.shape, dtype=torch.uint8)
-            table = torch.ones(self.levels)
+            table = torch.ones(self.levels, device=value.device)
         else:
             centres = self._centres(residual)
             chosen = _level_of(residual, ((centres[1:] + centres[:-1]) / 2).float())
             if everywhere:
                 codes = chosen.to(torch.uint8).reshape(value.shape)
             else:
-                codes = torch.zeros(value.shape, dtype=torch.uint8)
                 codes[live] = chosen.to(torch.uint8)
-            sums = torch.zeros(self.levels, dtype=torch.float64).index_add_(0, chosen, live_ratio.double())
-            counts = torch.bincount(chosen, minlength=self.levels).double()
+            counts = torch.bincount(chosen, minlength=self.levels)
+            sums = _sums_by_level(live_ratio.double(), chosen, counts)
+            counts = counts.double()
             table = torch.where(counts > 0, sums / counts.clamp(min=1), torch.exp2(centres)).float()
         return {f"{name}.codes": _pack_codes(codes, self.levels), f"{name}.rows": rows.contiguous(),
                 f"{name}.cols": cols.contiguous(), f"{name}.table": table.contiguous()}
@@ -268,8 +292,8 @@ class _BlockedTensors:
                                f"({self.pending_format or 'float32'} already, {label or 'float32'} given)")
         self.pending_format = label
         self.pending_names.append(name)
-        if label is not None:  # encoded now: the float32 value need not wait for the end of the block
-            self.pending.update(codec.encode(name, tensor))
+        if label is not None:  # encoded now, on the compute device: the float32 value need not wait
+            self.pending.update({key: part.to("cpu") for key, part in codec.encode(name, tensor).items()})
             return
         tensor = tensor.detach().to("cpu").contiguous()
         if any(tensor.data_ptr() == other.data_ptr() for other in self.pending.values()):
@@ -426,4 +450,4 @@ class StepState:
         if stored is not None:
             return stored[0]
         base = dense.get(name)
-        return base * self.mask(name).to(base.dtype)
+        return base * self.mask(name).to(base.device, base.dtype)

@@ -4,6 +4,11 @@ It reads only what it is given (the model, the calibration batches, the method,
 the regime, the dense weights, the parent step's recorded state) and writes the
 step's masks, accumulated statistic and reconstructed weights into a
 `StepWriter`; nothing here knows about run directories.
+
+The device boundary: everything a step combines (W0 or the parent's weight, the
+parent's mask and accumulated statistic, the fresh statistic) reaches the
+compute device through `StepPolicy` (`DenseOnDevice`, `StepOnDevice`); what a
+step records leaves it in one place, the `StepWriter` (copal.state).
 """
 
 from typing import Callable
@@ -19,19 +24,55 @@ from copal.regimes import Regime
 from copal.state import StepState, StepWriter
 
 
+class DenseOnDevice:
+    """W0 (copal.model.DenseWeights) read onto the compute device."""
+
+    def __init__(self, dense: DenseWeights, device: torch.device):
+        self.dense, self.device = dense, device
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.dense.get(name).to(self.device)
+
+
+class StepOnDevice:
+    """A recorded step (copal.state.StepState) whose tensors are read onto the compute device:
+    what the regimes ask of the parent step."""
+
+    def __init__(self, state: StepState, device: torch.device):
+        self.state, self.device = state, device
+
+    @property
+    def id(self) -> int:
+        return self.state.id
+
+    def mask(self, name: str) -> torch.Tensor:
+        return self.state.mask(name).to(self.device)
+
+    def sensitivity(self, name: str) -> torch.Tensor | None:
+        value = self.state.sensitivity(name)
+        return None if value is None else value.to(self.device)
+
+    def state_format(self, name: str) -> str | None:
+        return self.state.state_format(name)
+
+    def weight(self, name: str, dense: DenseOnDevice) -> torch.Tensor:
+        return self.state.weight(name, dense).to(self.device)
+
+
 class StepPolicy:
     """The layer-wise pass's questions for one step (copal.calibrate.LayerPolicy),
     answered by the regime and the method; masks, statistics and new weights go
     to the step's writer."""
 
     def __init__(self, method: Method, regime: Regime, structure: Structure, dense: DenseWeights,
-                 parent: StepState | None, writer: StepWriter,
+                 parent: StepState | None, writer: StepWriter, device: torch.device,
                  precomputed: dict[str, torch.Tensor] | None = None):
         self.method = method
         self.regime = regime
         self.structure = structure
-        self.dense = dense
-        self.parent = parent
+        self.device = device
+        self.dense = DenseOnDevice(dense, device)
+        self.parent = StepOnDevice(parent, device) if parent is not None else None
         self.writer = writer
         self.precomputed = precomputed  # the method's whole-model statistic, if it has one
 
@@ -41,7 +82,7 @@ class StepPolicy:
     def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
         check_fits(self.structure, name, tuple(base.shape))
         if self.precomputed is not None:
-            fresh = self.precomputed.pop(name)
+            fresh = self.precomputed.pop(name).to(self.device)
         stat = self.regime.statistic(name, fresh, self.method, self.parent, self.writer)
         forced = self.regime.forced_prune(name, self.parent)
         mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name)
@@ -67,7 +108,7 @@ def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, re
     whole-model statistic needs the resident model."""
     if method.whole_model and stream is not None:
         raise ValueError(f"{type(method).__name__}: a whole-model statistic needs the resident model, not a stream")
-    policy = StepPolicy(method, regime, structure, dense, parent, writer)
+    policy = StepPolicy(method, regime, structure, dense, parent, writer, device)
     if method.whole_model:  # its statistic sees the whole model with the step's base weights
         modules = all_prunable(model)
         for name, module in modules.items():
