@@ -101,9 +101,15 @@ def select_mask(score: torch.Tensor, structure: Structure, forced_prune: torch.T
     return drop_lowest(score, structure.pruned_per_row(cols))
 
 
-def pack(mask: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a bool mask into uint8 (8 weights a byte)."""
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
+def pack(bits: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool (or 0/1) tensor into uint8, 8 to a byte, the first in the high bit
+    (numpy's packbits), on the tensor's device: a GPU's mask crosses to the CPU 8x smaller."""
+    flat = bits.reshape(-1).to(torch.bool)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy()))
+    first_high = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    padded = torch.nn.functional.pad(flat.to(torch.uint8), (0, -flat.numel() % 8))
+    return (padded.reshape(-1, 8) * first_high).sum(1, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -78,3 +78,18 @@ def test_the_stand_in_device_catches_a_mix():
         into = torch.zeros(3)
         into.copy_(on_device)  # copies cross, as on CUDA
         assert into.device.type == "cpu"
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 4099])
+def test_bits_pack_the_same_on_the_compute_device(count):
+    from copal.masks import pack
+    from copal.state import _pack_codes
+
+    bits = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
+    codes = {levels: torch.randint(0, levels, (count,), dtype=torch.uint8) for levels in (2, 6, 8, 16, 256)}
+    with FakeCuda():
+        on_device = pack(bits.to("cuda")).cpu()
+        codes_on_device = {levels: _pack_codes(value.to("cuda"), levels).cpu() for levels, value in codes.items()}
+    assert torch.equal(on_device, pack(bits))
+    for levels, value in codes.items():
+        assert torch.equal(codes_on_device[levels], _pack_codes(value, levels)), levels
