@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from copal.config import DEMO_CONFIG, RunConfig, build_config, load_run_raw
 from copal.errors import InputError
 from copal.grid import Resources
+from copal.names import check_name
 
 DEFAULT_PARENT = Path("runs")
 
@@ -78,7 +79,7 @@ def _plan_one(path: Path | None, swept: tuple, overrides: list[str], parent: Pat
     raw = load_run_raw(path, [*overrides, *(f"{key}={value}" for key, value in swept)])  # errors name the file
     name = run_name(str(raw.get("name", RunConfig.model_fields["name"].default)), swept)
     with about(name if several else None):
-        config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": name})
+        config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": check_name(name, "run name")})
     directory = (parent or DEFAULT_PARENT) / name if several else parent or DEFAULT_PARENT / name
     return PlannedRun(name, config, directory)
 
