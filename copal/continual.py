@@ -329,7 +329,7 @@ class ContinualRun:
             self.prune(pending)
             if self.stream is not None:
                 self.stream.weights = current
-            replayed = StepState(pending.writer.commit({"step": step_id, "parent": state.record["parent"],
+            replayed = StepState(pending.writer.commit({"step": pending.step_id, "parent": state.record["parent"],
                                                         "domain": state.record["domain"],
                                                         "fingerprint": state.record["fingerprint"], "ppl": {}}))
             files = replayed.record["files"]
