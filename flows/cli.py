@@ -89,6 +89,7 @@ def _setup_logging(verbose: bool) -> None:
     logger.propagate = False
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings, one per attempt
     import datasets
     import transformers
 
