@@ -398,8 +398,8 @@ class StepState:
         if self.has_digests:
             check_digests(self.folder, self.record["files"])
         else:
-            log.info("step %s was recorded without file digests (an older copal): its files are only "
-                     "checked to be readable", self.id)
+            log.debug("step %s was recorded without file digests (an older copal): its files are only "
+                      "checked to be readable", self.id)
             for file in sorted(self.folder.rglob("*.safetensors")):
                 with self._open(file) as handle:
                     for name in handle.keys():

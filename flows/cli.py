@@ -268,8 +268,10 @@ def replay(
     directory = RunDir(run).require()
     config, _ = directory.read_config()
     check_trust(directory, config, trust_remote_code)
-    for state in directory.lineage(step):
-        state.verify()
+    state = directory.step(step)
+    for checked in (state, directory.step(state.record["parent"]) if state.record["parent"] else None):
+        if checked is not None:  # what replay reads: the step and the state it continued from
+            checked.verify()
     with progress_bar() as report:
         differing = ContinualRun(config, run, progress=report, readonly=True).replay(step)
     if differing:
@@ -323,7 +325,10 @@ def history(
     if verify:
         from copal.verify import verify_run
 
-        verify_run(run)
+        checked = verify_run(run)
+        if checked["undigested"]:
+            err.print(f"note: {checked['undigested']} step(s) recorded without file digests (an older copal): "
+                      f"checked to be readable only", markup=False, highlight=False, soft_wrap=True)
     rows = history_rows(run)
     if write is not None:
         from flows.audit import write_dvc_metrics

@@ -140,6 +140,7 @@ class Tracker:
             found = self._registered(client, key)
             if found is not None:
                 run_id, version = found
+                self._delete_unregistered(client, parent, key, keep=run_id)
                 client.set_terminated(run_id)
             else:
                 self._delete_unregistered(client, parent, key)
@@ -180,11 +181,13 @@ class Tracker:
                 return version.run_id, str(version.version)
         return None
 
-    def _delete_unregistered(self, client, parent: str, key: str) -> None:
-        """Child runs of step `key` an interrupted attempt left without a model version."""
+    def _delete_unregistered(self, client, parent: str, key: str, keep: str | None = None) -> None:
+        """Child runs of step `key` that interrupted attempts left without a model version
+        (all but `keep`, the one that has it)."""
         for run in client.search_runs([self.state["experiment_id"]],
                                       f"tags.mlflow.parentRunId = '{parent}' and tags.`copal.step` = '{key}'"):
-            client.delete_run(run.info.run_id)
+            if run.info.run_id != keep:
+                client.delete_run(run.info.run_id)
 
     def _register(self, client, run_id: str, state: StepState) -> str:
         from mlflow.exceptions import MlflowException
