@@ -353,7 +353,11 @@ def check_free_space(folder: Path, expected: int) -> None:
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     free = shutil.disk_usage(existing).free
     if free < expected:
-        raise EnvironmentFault(f"{folder}: {free / 1e6:.1f} MB free, a step needs about {expected / 1e6:.1f} MB")
+        raise EnvironmentFault(f"{folder}: {_size(free)} free, a step needs about {_size(expected)}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.1f} kB"
 
 
 def _written_weights(writer: StepWriter, dense: DenseWeights):

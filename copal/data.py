@@ -341,9 +341,12 @@ def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
                                            "signature": signature, "counts": json.dumps(counts)})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
-    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(partial, path)
+    try:
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return Domain(source, path, fingerprint, counts)
 
 
