@@ -130,7 +130,7 @@ class RunDir:
             known = self.step_ids()
             span = f"recorded steps: {known[0]}..{known[-1]}" if known else "no steps recorded yet"
             raise InputError(f"{self.root}: no step {step_id} ({span})")
-        return StepState(folder)
+        return StepState(folder, required=("step", "parent", "domain", "fingerprint", "ppl"))
 
     def lineage(self, head: int | None = None) -> list[StepState]:
         """Steps from the first to `head` (default HEAD), following parents."""

@@ -362,14 +362,12 @@ class StepWriter:
 class StepState:
     """A recorded step, read lazily (one tensor at a time)."""
 
-    _REQUIRED = ("step", "parent", "domain", "fingerprint", "ppl")
-
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, required: tuple[str, ...] = ("step", "parent")):
+        """`required`: the keys step.json must hold (else an InputError)."""
         self.folder = folder
         self.record = read_json(folder / "step.json", "step record")
-        if not isinstance(self.record, dict) or any(key not in self.record for key in self._REQUIRED):
-            raise InputError(f"{folder / 'step.json'}: corrupt step record (lacks step, parent, domain, "
-                             f"fingerprint or ppl)")
+        if not isinstance(self.record, dict) or any(key not in self.record for key in required):
+            raise InputError(f"{folder / 'step.json'}: corrupt step record (lacks one of {', '.join(required)})")
         if folder.name.isdigit() and self.record["step"] != int(folder.name):
             raise InputError(f"{folder / 'step.json'}: records step {self.record['step']!r}, not {folder.name}")
         self._indexes: dict[str, dict[str, str]] = {}
