@@ -406,9 +406,12 @@ def test_the_temporary_prefect_api_dies_with_a_killed_command(tmp_path):
             "print(SubprocessASGIServer().server_process.pid, flush=True)\nos.kill(os.getpid(), 9)\n")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL, result.stderr
-    server = int(result.stdout.split()[0])
+    out, log = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(log, "w") as stderr:  # files, not pipes: a live server would hold a pipe
+        returncode = subprocess.run([sys.executable, "-c", code], env=env, stdout=stdout, stderr=stderr,
+                                    timeout=300).returncode
+    assert returncode == -signal.SIGKILL, log.read_text()
+    server = int(out.read_text().split()[0])
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
