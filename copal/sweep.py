@@ -4,7 +4,7 @@ The runs are the product configs × sweep values; `--set` applies to each. A run
 named after its config's `name` plus, per swept key in the order of the --sweep
 options, `-KEY-VALUE` (as typed; characters other than letters, digits, `.`, `_` and
 `-` become `_`): `demo-sparsity-0.6`, `demo-sparsity-0.6-method-wanda`. That name is
-also the run's `name` (its MLflow parent run and registered model), and its directory
+also the run's `name` (its MLflow parent run, and its registered model's prefix), and its directory
 is `OUT/<name>` (OUT: --out, default runs).
 Every run is planned and checked here before any runs; flows/runs.py runs them.
 """

@@ -296,6 +296,7 @@ def rollback(
     _setup_logging(False)
     directory = RunDir(run).require()
     config, _ = directory.read_config()
+    directory.step(step)
     with directory.lock():
         for state in directory.lineage(step):
             state.verify()
