@@ -9,6 +9,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from copal.errors import InputError
+from copal.names import NAME_RULE, is_safe_name
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
 REGIMES = ("sequential", "reprune", "accumulate", "joint")
@@ -99,6 +100,13 @@ class RunConfig(_Strict):
     copal: CopalOptions = CopalOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
     state: StateOptions = StateOptions()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not is_safe_name(value):
+            raise ValueError(f"{value[:80]!r} is not a valid name ({NAME_RULE})")
+        return value
 
     @field_validator("sparsity")
     @classmethod

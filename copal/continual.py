@@ -6,6 +6,7 @@ This module is orchestration-free: the command line and the Prefect tasks call
 """
 
 import logging
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -19,14 +20,14 @@ from copal import metrics
 from copal.config import RunConfig
 from copal.data import Domain
 from copal.domains import RunDomains
-from copal.errors import InputError
+from copal.errors import EnvironmentFault, InputError
 from copal.masks import Structure
 from copal.methods import build_method
 from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
                          resolve_device, set_weight_matrix)
 from copal.regimes import REGIMES
 from copal.rundir import RunDir, reconcile, summarize
-from copal.state import StepState, StepWriter, read_json, write_json
+from copal.state import CODECS, StepState, StepWriter, read_json, write_json
 from copal.step import prune_step
 from copal.streaming import load_streaming
 
@@ -64,6 +65,8 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
     loading the model, so bad input fails in seconds, before any orchestration."""
     run_dir = RunDir(root)
     config, fingerprints = reconcile(run_dir, config)
+    run_dir.check_unlocked()
+    run_dir.check_records()
     if run_dir.head():
         run_dir.step(run_dir.head()).verify()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
@@ -206,10 +209,27 @@ class ContinualRun:
         """Open a step on `self.domains[domain_index]` continuing from `parent_id` (default HEAD)."""
         parent_id = self.dir.head() if parent_id is None else parent_id
         parent = self.dir.step(parent_id) if parent_id else None
+        if parent is not None:
+            parent.verify()
         step_id = max(self.dir.step_ids(), default=0) + 1
-        writer = StepWriter(steps_dir or self.dir.steps_dir, step_id, self.config.state.format)
+        steps_dir = steps_dir or self.dir.steps_dir
+        check_free_space(steps_dir, self.expected_step_bytes(parent))
+        writer = StepWriter(steps_dir, step_id, self.config.state.format)
         memory = metrics.PeakMemory()
         return PendingStep(domain_index, step_id, parent, writer, memory, time.perf_counter())
+
+    def expected_step_bytes(self, parent: StepState | None) -> int:
+        """About what a step writes: its parent's size, else (a lineage's first step) the
+        bit-packed masks, the accumulated state in its format and any reconstructed weights."""
+        if parent is not None:
+            return sum(file.stat().st_size for file in parent.folder.rglob("*") if file.is_file())
+        weights = [module.weight for module in all_prunable(self.model).values()]
+        per_weight = 1 / 8
+        if self.config.regime == "accumulate":
+            per_weight += CODECS[self.config.state.format].bits / 8
+        if self.config.method == "sparsegpt" or self.config.copal.reconstruct:
+            per_weight += weights[0].element_size() if weights else 4
+        return int(sum(weight.numel() for weight in weights) * per_weight)
 
     def calibrate(self, pending: PendingStep) -> None:
         """The step's calibration sequences, from the domains its regime chooses."""
@@ -247,19 +267,27 @@ class ContinualRun:
         if pending.tasks is not None:
             record |= pending.tasks
         final = pending.writer.commit(record)
+        try:
+            self.dir.set_head(pending.step_id)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # never a recorded step that HEAD's history skips
+            raise
         if self.stream is not None:
             state = StepState(final)
             self.stream.weights = lambda name: state.weight(name, self.dense)
-        self.dir.set_head(pending.step_id)
         self.write_metrics()
         return record
 
     def step(self, domain_index: int) -> dict:
         """One whole step on `self.domains[domain_index]`, continuing from HEAD."""
         pending = self.start_step(domain_index)
-        self.calibrate(pending)
-        self.prune(pending)
-        return self.finish_step(pending, self.evaluate(pending))
+        try:
+            self.calibrate(pending)
+            self.prune(pending)
+            return self.finish_step(pending, self.evaluate(pending))
+        except BaseException:
+            pending.writer.discard()
+            raise
 
     # ------------------------------------------------------------------ the whole run
 
@@ -280,16 +308,20 @@ class ContinualRun:
         return self.write_metrics()
 
     def replay(self, step_id: int) -> list[str]:
-        """Recompute a recorded step from its parent and data; the layers whose masks differ."""
+        """Recompute a recorded step from its parent and data: what differs from the record,
+        as the layers whose masks differ and the other files (state, weights) whose bytes do."""
         import tempfile
 
+        from copal.digests import tree_digests
+
         state = self.dir.step(step_id)
+        state.verify()
         names = [d.name for d in self.domains]
         index = names.index(state.record["domain"])
         if self.domains[index].fingerprint != state.record["fingerprint"]:
             raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
                              f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
-        recorded = {name: state.mask(name) for name in state.mask_names()}
+        recorded_files = state.record.get("files") or tree_digests(state.folder)
         current = self.stream.weights if self.stream is not None else None
         with tempfile.TemporaryDirectory() as scratch:
             pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
@@ -297,15 +329,35 @@ class ContinualRun:
             self.prune(pending)
             if self.stream is not None:
                 self.stream.weights = current
-            return [name for name, packed in pending.writer.packed_masks.items()
-                    if name not in recorded or not torch.equal(maskio.unpack(packed, recorded[name].shape),
-                                                               recorded[name])] + \
-                   [name for name in recorded if name not in pending.writer.packed_masks]
+            replayed = StepState(pending.writer.commit({"step": pending.step_id, "parent": state.record["parent"],
+                                                        "domain": state.record["domain"],
+                                                        "fingerprint": state.record["fingerprint"], "ppl": {}}))
+            files = replayed.record["files"]
+            differing = [name for name in sorted(set(files) | set(recorded_files))
+                         if files.get(name) != recorded_files.get(name)]
+            if "masks.safetensors" not in differing:
+                return differing
+            masks = [name for name in replayed.mask_names()
+                     if name not in state.mask_names() or not torch.equal(replayed.mask(name), state.mask(name))]
+            masks += [name for name in state.mask_names() if name not in replayed.mask_names()]
+            return (masks or ["masks.safetensors"]) + [name for name in differing if name != "masks.safetensors"]
 
     def write_metrics(self) -> dict:
         payload = summarize(self.dir, self.config)
         write_json(self.dir.metrics_path, payload)
         return payload
+
+
+def check_free_space(folder: Path, expected: int) -> None:
+    """An EnvironmentFault if the file system of `folder` has less than `expected` bytes free."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free < expected:
+        raise EnvironmentFault(f"{folder}: {_size(free)} free, a step needs about {_size(expected)}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.1f} kB"
 
 
 def _written_weights(writer: StepWriter, dense: DenseWeights):

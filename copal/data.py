@@ -19,6 +19,7 @@ import torch
 
 from copal import splits
 from copal.errors import InputError
+from copal.names import NAME_RULE, check_name, is_safe_name, safe_example
 
 SOURCE_KINDS = ("builtin", "text", "jsonl", "parquet", "hf")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "arrow"
@@ -75,10 +76,24 @@ def parse_source(spec: str) -> Source:
         location = dataset
     if name is None:
         name = location if kind == "builtin" else _stem(location)
+        if not is_safe_name(name):
+            raise InputError(f"{spec}: the domain name {name[:80]!r} taken from the source is not a valid name "
+                             f"({NAME_RULE}); name it, e.g. {safe_example(name)}={spec}")
+    else:
+        check_name(name, f"{spec[:200]}: domain name")
     return Source(spec, kind, location, name, column, hf_config, hf_split)
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def _utf8_name(path: Path, spec: str) -> str:
+    """`path` as text; a file name that is not UTF-8 is bad input (it could not be recorded)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{spec}: file name {ascii(str(path))} is not UTF-8; rename it") from None
+    return str(path)
 
 
 def _text_paragraphs(path: Path, root: Path) -> Iterator[tuple[str, str]]:
@@ -216,7 +231,7 @@ def _raw_signature(source: Source) -> str:
     for file in files:
         if file.is_file():
             info = file.stat()
-            stamp.update(f"{file}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+            stamp.update(f"{_utf8_name(file, source.spec)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return stamp.hexdigest()
 
 
@@ -252,13 +267,21 @@ def _fingerprint(rows: list[tuple[str, str, str]]) -> str:
 
 
 def _cache_path(source: Source, data_dir: Path) -> Path:
-    """Builtin domains get fixed names (DVC tracks them); other sources are
-    keyed by a hash of where they come from, so two sources never share a file."""
+    """Builtin domains get fixed names (DVC tracks them; `corpora` knows every one);
+    other sources are keyed by a hash of where they come from, so two sources never
+    share a file and no user text reaches the path. Always inside `data_dir`."""
     if source.kind == "builtin":
-        return data_dir / "builtin" / f"{source.location}.arrow"
-    key = hashlib.sha256(f"{source.kind}:{source.location}:{source.column}:{source.hf_config}:{source.hf_split}"
-                         .encode()).hexdigest()[:10]
-    return data_dir / f"{source.name}-{key}.arrow"
+        from copal.corpora import BUILTIN_NAMES
+
+        if source.location not in BUILTIN_NAMES:
+            raise InputError(f"{source.spec}: unknown builtin domain; choose one of {', '.join(BUILTIN_NAMES)}")
+        path = data_dir / "builtin" / f"{source.location}.arrow"
+    else:
+        where = f"{source.kind}:{source.location}:{source.column}:{source.hf_config}:{source.hf_split}"
+        path = data_dir / f"{source.kind}-{hashlib.sha256(where.encode('utf-8', 'surrogateescape')).hexdigest()[:20]}.arrow"
+    if not path.resolve().is_relative_to(data_dir.resolve()):
+        raise InputError(f"{source.spec}: its cache file would lie outside {data_dir}")
+    return path
 
 
 def _read_cached(path: Path, signature: str) -> tuple[str, dict] | None:
@@ -318,9 +341,12 @@ def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
                                            "signature": signature, "counts": json.dumps(counts)})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
-    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(partial, path)
+    try:
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return Domain(source, path, fingerprint, counts)
 
 

@@ -14,6 +14,7 @@ import torch
 from copal.config import RunConfig
 from copal.data import Domain, calibration_samples, evaluation_windows, ingest, parse_source
 from copal.errors import InputError
+from copal.names import safe_example
 
 
 class RunDomains:
@@ -44,7 +45,9 @@ class RunDomains:
     def add(self, spec: str) -> Domain:
         name = parse_source(spec).name
         if any(known.name == name for known in self.domains):
-            raise InputError(f"{spec}: another domain is already named {name!r}; name it NAME={spec}")
+            body = spec.removeprefix(f"{name}=")
+            raise InputError(f"{spec}: another domain is already named {name!r}; name it, e.g. "
+                             f"{safe_example(name + '-2')}={body}")
         domain = ingest(spec, self.data_dir)
         recorded = self.recorded.get(domain.name)
         if recorded is not None and recorded != domain.fingerprint:

@@ -357,7 +357,7 @@ def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir:
         progress("task accuracy", index, len(chosen) + 1)
         root = cell_dir(out_dir, cell)
         result = _accuracy(folder / f"{cell.id}.json", tasks, base.device,
-                           lambda: load_step_model(root, RunDir(root).head()), measure)
+                           lambda: load_step_model(root, RunDir(root).head(), base.trust_remote_code), measure)
         if result is not None:
             results[cell.id] = result
     progress("task accuracy", len(chosen) + 1, len(chosen) + 1)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from copal.errors import InputError
+from copal.errors import EnvironmentFault, InputError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,26 @@ def check_model_location(location: str) -> None:
         _check_model_dir(path)
     elif location.startswith((".", "/")) or location.count("/") > 1:
         raise InputError(f"{location}: model directory not found")
+    else:
+        _check_hub_id(location)
+
+
+def _check_hub_id(location: str) -> None:
+    """A hub id that is not cached must exist on a hub we can reach: asked once, so an
+    unreachable hub is one line at once, not minutes of the download client's retries."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(location, "config.json"), str):
+            return
+        HfApi().model_info(location, timeout=15)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise InputError(f"{location}: not a local model directory, nor a model on the Hugging Face hub") from None
+    except Exception as error:  # the hub client's transport errors have many types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise EnvironmentFault(f"{location}: the Hugging Face hub cannot be reached ({first_line}); give a local "
+                               f"model directory, or download it first") from None
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False):

@@ -5,17 +5,21 @@
     RUN_DIR/steps/K/        what step K recorded (see copal.state)
     RUN_DIR/HEAD            the current step id
     RUN_DIR/metrics.json    PPL matrix, BWT, average PPL, per-step cost
+    RUN_DIR/.lock           held by the one process that writes the run (`RunDir.lock`)
 
 Steps have ids 1, 2, … in the order they were made and a `parent` (the step
 they continued from), so a rollback can make an older step the head again
 without deleting later ones. The PPL matrix follows the lineage of HEAD.
 """
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from copal import metrics
+from copal.atomic import check_target, exclusive_lock, lock_holder, write_atomic
 from copal.config import RunConfig, build_config
 from copal.errors import InputError
 from copal.state import StepState, read_json
@@ -25,6 +29,9 @@ from copal.state import StepState, read_json
 # whatever the config says later, copal.state), so a run started before `state` existed
 # resumes under a config that pins it.
 _RUNTIME_KEYS = ("device", "state")
+LOCK_FILE = ".lock"
+
+log = logging.getLogger("copal")
 
 
 class RunDir:
@@ -38,9 +45,33 @@ class RunDir:
         self.metrics_path = self.root / "metrics.json"
         self.dense_path = self.root / "dense.json"
         self.dense_tasks_path = self.root / "dense_tasks.json"
+        self.lock_path = self.root / LOCK_FILE
 
     def exists(self) -> bool:
         return self.config_path.is_file()
+
+    def _busy(self, holder: str) -> None:
+        raise InputError(f"{self.root}: in use by {holder} (another copal command writes this run); "
+                         f"wait for it to finish")
+
+    @contextmanager
+    def lock(self):
+        """Exclusive right to write the run, for the process's lifetime at most: a second
+        writer gets an InputError naming the holder; a lock left by a process that died
+        is taken over with a warning."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"{self.root}: exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        stale = lambda holder: log.warning("%s: taking over the lock of %s, which is no longer running",  # noqa: E731
+                                           self.root, holder)
+        with exclusive_lock(self.lock_path, busy=self._busy, stale=stale):
+            yield self
+
+    def check_unlocked(self) -> None:
+        """An InputError if another process writes the run now (a quick check before any work)."""
+        holder = lock_holder(self.lock_path) if self.root.is_dir() else None
+        if holder:
+            self._busy(holder)
 
     def require(self) -> "RunDir":
         if not self.root.is_dir():
@@ -60,10 +91,11 @@ class RunDir:
         return build_config(raw, str(self.config_path)), fingerprints
 
     def write_config(self, config: RunConfig, fingerprints: dict[str, str]) -> None:
-        payload = config.model_dump() | {"fingerprints": fingerprints}
-        partial = self.config_path.with_name(".config.yaml.partial")
-        partial.write_text(yaml.safe_dump(payload, sort_keys=False))
-        partial.replace(self.config_path)
+        """config.yaml, rewritten only when its content changes."""
+        text = yaml.safe_dump(config.model_dump() | {"fingerprints": fingerprints}, sort_keys=False)
+        if self.config_path.is_file() and self.config_path.read_text() == text:
+            return
+        write_atomic(self.config_path, text)
 
     def head(self) -> int:
         if not self.head_path.exists():
@@ -74,9 +106,18 @@ class RunDir:
         return int(text)
 
     def set_head(self, step_id: int) -> None:
-        partial = self.head_path.with_name(".HEAD.partial")
-        partial.write_text(f"{step_id}\n")
-        partial.replace(self.head_path)
+        write_atomic(self.head_path, f"{step_id}\n")
+
+    # Records a run keeps beside its steps (the last two written by the pipeline's
+    # MLflow and DVC tasks); each must be a JSON object.
+    RECORDS = ("dense.json", "dense_tasks.json", "tracking.json", "snapshots.json")
+
+    def check_records(self) -> None:
+        """Every record file present parses as a JSON object (an InputError naming it otherwise)."""
+        for name in self.RECORDS:
+            path = self.root / name
+            if path.exists() and not isinstance(read_json(path, "run record"), dict):
+                raise InputError(f"{path}: run record is corrupt (not a JSON object)")
 
     def step_ids(self) -> list[int]:
         if not self.steps_dir.is_dir():
@@ -89,7 +130,7 @@ class RunDir:
             known = self.step_ids()
             span = f"recorded steps: {known[0]}..{known[-1]}" if known else "no steps recorded yet"
             raise InputError(f"{self.root}: no step {step_id} ({span})")
-        return StepState(folder)
+        return StepState(folder, required=("step", "parent", "domain", "fingerprint", "ppl"))
 
     def lineage(self, head: int | None = None) -> list[StepState]:
         """Steps from the first to `head` (default HEAD), following parents."""
@@ -98,8 +139,20 @@ class RunDir:
         while step_id:
             state = self.step(step_id)
             chain.append(state)
-            step_id = state.record["parent"]
+            parent = state.record["parent"]
+            if not isinstance(parent, int) or not 0 <= parent < step_id:
+                raise InputError(f"{state.folder / 'step.json'}: corrupt parent {parent!r} (a step continues an "
+                                 f"earlier one)")
+            step_id = parent
         return chain[::-1]
+
+
+def check_trust(run_dir: RunDir, config: RunConfig, trust_remote_code: bool) -> None:
+    """A run directory's config may not turn on running a model's own code by itself:
+    the command line must say so too."""
+    if config.trust_remote_code and not trust_remote_code:
+        raise InputError(f"{run_dir.config_path}: says trust_remote_code: true; running the model's own code "
+                         f"needs --trust-remote-code on the command line too")
 
 
 def _same_run(recorded: RunConfig, wanted: RunConfig) -> str | None:
@@ -127,7 +180,8 @@ def reconcile(run_dir: RunDir, config: RunConfig) -> tuple[RunConfig, dict[str, 
         if len(recorded.domains) > len(config.domains):
             config = config.model_copy(update={"domains": recorded.domains})
         return config, fingerprints
-    if run_dir.root.exists() and any(run_dir.root.iterdir()):
+    check_target(run_dir.root, "the run directory")
+    if run_dir.root.exists() and any(p.name != LOCK_FILE for p in run_dir.root.iterdir()):
         raise InputError(f"{run_dir.root}: exists and is not a run directory; choose an empty or new --out")
     return config, {}
 

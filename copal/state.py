@@ -9,9 +9,12 @@
 Per-block files keep memory bounded: a step never holds more than one block's
 statistics or weights. A step is written under `steps/.K.partial` and renamed
 into place when complete, so a step directory is either whole or absent.
+step.json, written last, records the SHA-256 of every other file of the step
+(`files`); readers check them (`StepState.verify`) before trusting the step.
 """
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,8 +28,11 @@ from safetensors.torch import save_file
 
 from copal import masks as maskio
 from copal.atomic import write_atomic
+from copal.digests import check_digests, tree_digests
 from copal.errors import InputError
 from copal.model import DenseWeights
+
+log = logging.getLogger("copal")
 
 
 def write_json(path: Path, payload) -> None:
@@ -350,24 +356,41 @@ class StepWriter:
         self.weights.flush(index)
 
     def commit(self, record: dict) -> Path:
-        # One metadata key: safetensors writes a metadata map in arbitrary order,
-        # and the file must be byte-identical for the same masks.
-        shapes = json.dumps(self.shapes, sort_keys=True)
-        save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
-        self.sensitivity.close()
-        self.weights.close()
-        write_json(self.partial / "step.json", record)
-        os.replace(self.partial, self.final)
+        """Write the masks and indexes, then step.json with every file's SHA-256
+        (`record["files"]`), and rename the step into place; on failure nothing is left."""
+        try:
+            # One metadata key: safetensors writes a metadata map in arbitrary order,
+            # and the file must be byte-identical for the same masks.
+            shapes = json.dumps(self.shapes, sort_keys=True)
+            save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
+            self.sensitivity.close()
+            self.weights.close()
+            record["files"] = tree_digests(self.partial)
+            write_json(self.partial / "step.json", record)
+            os.replace(self.partial, self.final)
+        except BaseException:
+            self.discard()
+            raise
         return self.final
+
+    def discard(self) -> None:
+        """Remove the partial step (a failed or abandoned attempt)."""
+        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 class StepState:
     """A recorded step, read lazily (one tensor at a time)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, required: tuple[str, ...] = ("step", "parent")):
+        """`required`: the keys step.json must hold (else an InputError)."""
         self.folder = folder
         self.record = read_json(folder / "step.json", "step record")
+        if not isinstance(self.record, dict) or any(key not in self.record for key in required):
+            raise InputError(f"{folder / 'step.json'}: corrupt step record (lacks one of {', '.join(required)})")
+        if folder.name.isdigit() and self.record["step"] != int(folder.name):
+            raise InputError(f"{folder / 'step.json'}: records step {self.record['step']!r}, not {folder.name}")
         self._indexes: dict[str, dict[str, str]] = {}
+        self._verified = False
 
     @property
     def id(self) -> int:
@@ -379,13 +402,26 @@ class StepState:
         except (SafetensorError, OSError) as error:
             raise InputError(f"{file}: corrupt snapshot file ({error})") from None
 
+    @property
+    def has_digests(self) -> bool:
+        return "files" in self.record
+
     def verify(self) -> None:
-        """Open every tensor file of the step: a corrupt snapshot is an InputError now,
-        not half-way through the next step."""
-        for file in sorted(self.folder.rglob("*.safetensors")):
-            with self._open(file) as handle:
-                for name in handle.keys():
-                    handle.get_slice(name)
+        """Check every file against the SHA-256 step.json records: a changed or corrupt
+        file is an InputError naming it now, not a silently different result later.
+        A step recorded before digests existed gets its tensor files opened instead."""
+        if self._verified:
+            return
+        if self.has_digests:
+            check_digests(self.folder, self.record["files"])
+        else:
+            log.debug("step %s was recorded without file digests (an older copal): its files are only "
+                      "checked to be readable", self.id)
+            for file in sorted(self.folder.rglob("*.safetensors")):
+                with self._open(file) as handle:
+                    for name in handle.keys():
+                        handle.get_slice(name)
+        self._verified = True
 
     def mask_names(self) -> list[str]:
         with self._open(self.folder / "masks.safetensors") as handle:
@@ -428,7 +464,12 @@ class StepState:
         """The accumulated statistic this step recorded for `name`, as float32,
         decoded from its stored format (None: none recorded)."""
         found = self._blocked("sensitivity", name)
-        return None if found is None else found[0]
+        if found is None:
+            return None
+        if not torch.isfinite(found[0]).all():
+            raise InputError(f"{self.folder / 'sensitivity' / self._index('sensitivity')[name]}: the recorded "
+                             f"state of {name} holds NaN or Inf")
+        return found[0]
 
     def state_format(self, name: str) -> str | None:
         """The format `name`'s accumulated statistic is stored in (None: none recorded)."""

@@ -4,7 +4,7 @@ The runs are the product configs × sweep values; `--set` applies to each. A run
 named after its config's `name` plus, per swept key in the order of the --sweep
 options, `-KEY-VALUE` (as typed; characters other than letters, digits, `.`, `_` and
 `-` become `_`): `demo-sparsity-0.6`, `demo-sparsity-0.6-method-wanda`. That name is
-also the run's `name` (its MLflow parent run and registered model), and its directory
+also the run's `name` (its MLflow parent run, and its registered model's prefix), and its directory
 is `OUT/<name>` (OUT: --out, default runs).
 Every run is planned and checked here before any runs; flows/runs.py runs them.
 """
@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from copal.config import DEMO_CONFIG, RunConfig, build_config, load_run_raw
 from copal.errors import InputError
 from copal.grid import Resources
+from copal.names import check_name
 
 DEFAULT_PARENT = Path("runs")
 
@@ -78,7 +79,7 @@ def _plan_one(path: Path | None, swept: tuple, overrides: list[str], parent: Pat
     raw = load_run_raw(path, [*overrides, *(f"{key}={value}" for key, value in swept)])  # errors name the file
     name = run_name(str(raw.get("name", RunConfig.model_fields["name"].default)), swept)
     with about(name if several else None):
-        config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": name})
+        config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": check_name(name, "run name")})
     directory = (parent or DEFAULT_PARENT) / name if several else parent or DEFAULT_PARENT / name
     return PlannedRun(name, config, directory)
 

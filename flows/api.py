@@ -8,11 +8,19 @@ a command knows it will run a flow, so it boots while the command checks its
 inputs and imports the pipeline; `ready()` joins it before the flow starts
 (Prefect then finds it running and reuses it). With PREFECT_API_URL set — the
 production setting — there is nothing to start.
+
+The server dies with the command, however it ends: Prefect stops it at exit, and
+for a kill -9 its process asks Linux for a signal when the thread that started it
+ends (PR_SET_PDEATHSIG); that thread lives as long as the command.
 """
 
+import ctypes
 import logging
 import os
+import signal
+import subprocess
 import threading
+import types
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -34,10 +42,31 @@ class _WithoutTemporaryServerLines(logging.Filter):
 logging.getLogger("prefect").addFilter(_WithoutTemporaryServerLines())
 
 
+_THREAD = "prefect-temporary-api"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it runs: SIGTERM when the starting thread ends,
+    and exit now if the parent already died in between."""
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent == 1 or os.getppid() != parent:
+        os._exit(1)
+
+
+class _PopenDyingWithItsThread(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        if threading.current_thread().name == _THREAD:
+            kwargs.setdefault("preexec_fn", _die_with_parent)
+        super().__init__(*args, **kwargs)
+
+
 class TemporaryApi:
     def __init__(self):
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, name="prefect-temporary-api", daemon=True)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._start, name=_THREAD, daemon=True)
         self._thread.start()
 
     def _start(self) -> None:
@@ -45,14 +74,19 @@ class TemporaryApi:
             from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
             if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                from prefect.server.api.server import SubprocessASGIServer
+                from prefect.server.api import server
 
-                SubprocessASGIServer().start()
+                # Only the server's start goes through this Popen (and only from this thread).
+                server.subprocess = types.SimpleNamespace(Popen=_PopenDyingWithItsThread,
+                                                          TimeoutExpired=subprocess.TimeoutExpired)
+                server.SubprocessASGIServer().start()
         except BaseException as error:  # re-raised in the caller's thread by ready()
             self._error = error
+        self._done.set()
+        threading.Event().wait()  # the server's parent-death signal fires when this thread ends
 
     def ready(self) -> None:
         """Wait until the server answers; raise what starting it raised."""
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from copal.errors import InputError
+from copal.errors import EnvironmentFault, InputError, as_fault
 from flows.api import TemporaryApi
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,7 +32,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def command(function):
-    """Register a command whose InputErrors become exit code 2 with one line."""
+    """Register a command whose InputErrors become exit code 2 with one line, and whose
+    environment faults (EnvironmentFault, a full disk) exit code 1 with one line."""
 
     @wraps(function)
     def wrapper(*args, **kwargs):
@@ -40,19 +41,35 @@ def command(function):
             return function(*args, **kwargs)
         except InputError as error:
             _fail(str(error))
+        except EnvironmentFault as error:
+            _fail(str(error), 1)
+        except OSError as error:
+            fault = as_fault(error)
+            if fault is None:
+                raise
+            _fail(str(fault), 1)
 
     return app.command()(wrapper)
 
 
+def _one_line(error: BaseException | None) -> bool:
+    """Whether the command reports `error` itself, as one line."""
+    return isinstance(error, (InputError, EnvironmentFault)) or (error is not None and as_fault(error) is not None)
+
+
 class _WithoutInputErrors(logging.Filter):
-    """Drops Prefect's reports of an InputError, wherever it was raised: the failed
-    task's and flow run's traceback, and the 'Finished in state Failed(... InputError:
-    …)' lines that quote it. The command prints the error itself, as one line."""
+    """Drops Prefect's reports of an error the command reports as one line (InputError,
+    EnvironmentFault, a full disk), wherever it was raised: the failed task's and flow
+    run's traceback, and the 'Finished in state Failed(... InputError: …)' lines that
+    quote it."""
+
+    _QUOTED = (f"{InputError.__name__}: ", f"{EnvironmentFault.__name__}: ", "[Errno 28]", "[Errno 122]")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], InputError):
+        if record.exc_info and _one_line(record.exc_info[1]):
             return False
-        return f"{InputError.__name__}: " not in record.getMessage()
+        message = record.getMessage()
+        return not any(quoted in message for quoted in self._QUOTED)
 
 
 # The loggers Prefect's engines report flow and task runs on (and the one its engine crashes go to).
@@ -72,6 +89,7 @@ def _setup_logging(verbose: bool) -> None:
     logger.propagate = False
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings, one per attempt
     import datasets
     import transformers
 
@@ -118,6 +136,11 @@ def print_summary(metrics: dict) -> None:
 
 TrackingUri = Annotated[Optional[str], typer.Option(
     help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db.")]
+
+
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow running the model's own code "
+                                                                          "when the run's config.yaml asks for it "
+                                                                          "(trust_remote_code: true).")]
 
 
 @command
@@ -205,17 +228,20 @@ def step(
     data: Annotated[str, typer.Argument(help="The new domain's data source, e.g. text:PATH or builtin:code.")],
     run: Annotated[Path, typer.Option(help="Run directory of an existing run.")],
     tracking_uri: TrackingUri = None,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """One more continual step on a new domain, continuing from HEAD.
 
     This is what a scheduled job calls."""
-    from copal.continual import RunDir, summarize
-
-    from copal.continual import preflight
+    from copal.continual import RunDir, preflight, summarize
+    from copal.rundir import check_trust
 
     _setup_logging(False)
+    directory = RunDir(run).require()
+    config = directory.read_config()[0]
+    check_trust(directory, config, trust_remote_code)
     api = TemporaryApi()
-    preflight(RunDir(run).require().read_config()[0], run, (data,))
+    preflight(config, run, (data,))
     from flows.continual import step_flow
 
     api.ready()
@@ -229,23 +255,31 @@ def step(
 def replay(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     step: Annotated[int, typer.Option(help="Step id to recompute.")],
+    trust_remote_code: TrustRemoteCode = False,
 ):
-    """Recompute a step and check its masks are bit-identical to the record.
+    """Recompute a step and check its masks, state and weights are bit-identical to the record.
 
-    Exit 0 if they are, 1 if they differ. Changes nothing on disk."""
+    Exit 0 if they are, 1 if they differ, 2 if the recorded files fail their digests.
+    Changes nothing on disk."""
     from copal.continual import ContinualRun, RunDir
+    from copal.rundir import check_trust
 
     _setup_logging(False)
     directory = RunDir(run).require()
-    directory.step(step)
     config, _ = directory.read_config()
+    check_trust(directory, config, trust_remote_code)
+    state = directory.step(step)
+    for checked in (state, directory.step(state.record["parent"]) if state.record["parent"] else None):
+        if checked is not None:  # what replay reads: the step and the state it continued from
+            checked.verify()
     with progress_bar() as report:
         differing = ContinualRun(config, run, progress=report, readonly=True).replay(step)
     if differing:
-        err.print(f"copal: step {step}: masks differ from the record in {len(differing)} layer(s): "
-                  f"{', '.join(differing[:5])}{' …' if len(differing) > 5 else ''}", markup=False)
+        err.print(f"copal: step {step}: replay differs from the record in {len(differing)} layer mask(s) or "
+                  f"file(s): {', '.join(differing[:5])}{' …' if len(differing) > 5 else ''}", markup=False,
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    print(f"step {step}: replay reproduced the recorded masks bit for bit")
+    print(f"step {step}: replay reproduced the recorded masks, state and weights bit for bit")
 
 
 @command
@@ -261,11 +295,14 @@ def rollback(
 
     _setup_logging(False)
     directory = RunDir(run).require()
-    directory.step(step)
     config, _ = directory.read_config()
-    previous = directory.head()
-    directory.set_head(step)
-    write_json(directory.metrics_path, summarize(directory, config))
+    directory.step(step)
+    with directory.lock():
+        for state in directory.lineage(step):
+            state.verify()
+        previous = directory.head()
+        directory.set_head(step)
+        write_json(directory.metrics_path, summarize(directory, config))
     err.print(f"HEAD: step {previous} → step {step}")
 
 
@@ -275,6 +312,9 @@ def history(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
     write: Annotated[Optional[Path], typer.Option(help="Also write metrics.json and history.csv for "
                                                        "`dvc metrics` / `dvc plots` into this folder.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every step's files against their recorded "
+                                                          "SHA-256 first (exit 2 naming the first that differs).")]
+    = False,
 ):
     """The audit table of every recorded step.
 
@@ -283,6 +323,13 @@ def history(
     from flows.audit import history_rows
 
     _setup_logging(False)
+    if verify:
+        from copal.verify import verify_run
+
+        checked = verify_run(run)
+        if checked["undigested"]:
+            err.print(f"note: {checked['undigested']} step(s) recorded without file digests (an older copal): "
+                      f"checked to be readable only", markup=False, highlight=False, soft_wrap=True)
     rows = history_rows(run)
     if write is not None:
         from flows.audit import write_dvc_metrics
@@ -313,6 +360,7 @@ def serve(
                                                        "folders), taken in name order.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Deployment name. Default: the run's name.")] = None,
     tracking_uri: TrackingUri = None,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Serve a Prefect deployment that adds one step per cron tick.
 
@@ -322,7 +370,11 @@ def serve(
     from copal.continual import RunDir
 
     _setup_logging(False)
-    config, _ = RunDir(run).require().read_config()
+    from copal.rundir import check_trust
+
+    directory = RunDir(run).require()
+    config, _ = directory.read_config()
+    check_trust(directory, config, trust_remote_code)
     if queue is not None and not queue.is_dir():
         raise InputError(f"{queue}: queue folder not found")
     from flows.continual import scheduled_step_flow
@@ -404,13 +456,31 @@ def export(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     step: Annotated[int, typer.Option(help="Step id to export.")],
     out: Annotated[Path, typer.Option(help="Output model directory (must not exist or be empty).")],
+    trust_remote_code: TrustRemoteCode = False,
 ):
-    """The model after a step as a plain Hugging Face directory (safetensors)."""
+    """The model after a step as a plain Hugging Face directory (safetensors).
+
+    The step's files are checked against their recorded SHA-256 first."""
     from copal.export import export_step
 
     _setup_logging(False)
-    export_step(run, step, out)
+    export_step(run, step, out, trust_remote_code)
     err.print(f"wrote {out}")
+
+
+@command
+def verify(
+    run: Annotated[Path, typer.Option(help="Run directory.")],
+):
+    """Check a whole run: every step's files against the SHA-256 its step.json records,
+    HEAD, the lineages and the run's records. Exit 0 if all hold, 2 naming the first fault."""
+    from copal.verify import verify_run
+
+    _setup_logging(False)
+    checked = verify_run(run)
+    print(f"{run}: {checked['steps']} step(s) verified"
+          + (f", {checked['undigested']} recorded without digests (readable, not checked)"
+             if checked["undigested"] else "") + f"; HEAD is step {checked['head']}")
 
 
 @command

@@ -33,9 +33,13 @@ Progress = Callable[[str, int, int], None]
 
 def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
     pending = steps.calibrate(run, domain_index)
-    steps.prune(run, pending)
-    evaluation = steps.evaluate(run, pending)
-    record = steps.record(run, pending, evaluation)
+    try:
+        steps.prune(run, pending)
+        evaluation = steps.evaluate(run, pending)
+        record = steps.record(run, pending, evaluation)
+    except BaseException:
+        pending.writer.discard()  # no .partial left behind
+        raise
     publishing.append(_publish(run, tracker, record["step"], after=publishing[-1:]))
     return record
 
@@ -67,34 +71,37 @@ def _catch_up(run: ContinualRun, tracker: Tracker, publishing: list) -> None:
 @flow(name="copal-run")
 def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
                    progress: Progress | None = None) -> dict:
-    """Every pending domain of the config, one step each."""
-    run = steps.open_run(config, out, progress, data_dir)
-    tracker = Tracker(run.dir, tracking_uri)
-    tracker.ensure_parent(run.config)
-    steps.dense_eval(run)
-    publishing = []
-    _catch_up(run, tracker, publishing)
-    metrics = run.run(step=lambda index: _step(run, tracker, index, publishing))
-    _finish_publishing(publishing)
-    tracker.finish_parent()
+    """Every pending domain of the config, one step each (holding the run directory's lock)."""
+    with RunDir(out).lock():
+        run = steps.open_run(config, out, progress, data_dir)
+        tracker = Tracker(run.dir, tracking_uri)
+        tracker.ensure_parent(run.config)
+        steps.dense_eval(run)
+        publishing = []
+        _catch_up(run, tracker, publishing)
+        metrics = run.run(step=lambda index: _step(run, tracker, index, publishing))
+        _finish_publishing(publishing)
+        tracker.finish_parent()
     return metrics
 
 
 @flow(name="copal-step")
 def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
               progress: Progress | None = None) -> dict:
-    """One more step on `data` for an existing run, continuing from its HEAD."""
-    config, _ = RunDir(run_dir).require().read_config()
-    run = steps.open_run(config, run_dir, progress, data_dir)
-    tracker = Tracker(run.dir, tracking_uri)
-    tracker.ensure_parent(run.config)
-    publishing = []
-    _catch_up(run, tracker, publishing)
-    index = steps.ingest(run, data)
-    steps.dense_eval(run)
-    record = _step(run, tracker, index, publishing)
-    _finish_publishing(publishing)
-    tracker.finish_parent()
+    """One more step on `data` for an existing run, continuing from its HEAD (holding its lock)."""
+    directory = RunDir(run_dir).require()
+    with directory.lock():
+        config, _ = directory.read_config()
+        run = steps.open_run(config, run_dir, progress, data_dir)
+        tracker = Tracker(run.dir, tracking_uri)
+        tracker.ensure_parent(run.config)
+        publishing = []
+        _catch_up(run, tracker, publishing)
+        index = steps.ingest(run, data)
+        steps.dense_eval(run)
+        record = _step(run, tracker, index, publishing)
+        _finish_publishing(publishing)
+        tracker.finish_parent()
     return record
 
 

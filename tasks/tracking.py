@@ -1,6 +1,11 @@
 """MLflow: one parent run per continual run, one child run per step, and a
 registered model version per step that loads back to exactly its weights.
 
+The registered model is named `<run name>-<first 8 hex digits of the parent run id>`:
+the run's identity, which two runs cannot share, so its version K is step K. Recording a
+step is idempotent: a version already registered for the step (a crash before
+tracking.json was written) is reused, and a child run a crash left without one is deleted.
+
 A version stores the step's bit-packed masks (plus reconstructed weights where
 the method changed them, i.e. sparsegpt) and a pointer to the base checkpoint
 with its SHA-256, not a copy of the model: about 1/16 of an fp16 copy.
@@ -97,7 +102,8 @@ class Tracker:
                                     tags={"copal.run_dir": str(self.run_dir.root.resolve())})
             client.log_batch(run.info.run_id, params=_params(config.model_dump()))
         self.state.update({"tracking_uri": self.uri, "experiment_id": experiment_id,
-                           "parent_run_id": run.info.run_id, "model_name": config.name, "steps": {}})
+                           "parent_run_id": run.info.run_id, "model_name": f"{config.name}-{run.info.run_id[:8]}",
+                           "steps": {}})
         self._save()
         return run.info.run_id
 
@@ -130,21 +136,28 @@ class Tracker:
         params.update({f"task_items/{task}/{key}": value for task, items in record.get("task_items", {}).items()
                        for key, value in items.items()})
         with tempfile.TemporaryDirectory() as scratch, store_lock(self.uri):
-            model_dir = _model_artifact(state, config, Path(scratch) / "model")
             client = _client(self.uri)
-            run = client.create_run(self.state["experiment_id"], run_name=f"step {state.id}: {record['domain']}",
-                                    tags={"mlflow.parentRunId": parent, "copal.step": key})
-            run_id = run.info.run_id
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                             metrics=[Metric(k, float(v), 0, record["index"]) for k, v in values.items()])
-            client.log_artifacts(run_id, str(model_dir), "model")
-            if (state.folder / "sensitivity").is_dir():
-                client.log_artifacts(run_id, str(state.folder / "sensitivity"), "sensitivity")
-            if plot_png:
-                (Path(scratch) / "ppl_matrix.png").write_bytes(plot_png)
-                client.log_artifact(run_id, str(Path(scratch) / "ppl_matrix.png"))
-            client.set_terminated(run_id)
-            version = self._register(client, run_id, state)
+            found = self._registered(client, key)
+            if found is not None:
+                run_id, version = found
+                self._delete_unregistered(client, parent, key, keep=run_id)
+                client.set_terminated(run_id)
+            else:
+                self._delete_unregistered(client, parent, key)
+                model_dir = _model_artifact(state, config, Path(scratch) / "model")
+                run = client.create_run(self.state["experiment_id"], run_name=f"step {state.id}: {record['domain']}",
+                                        tags={"mlflow.parentRunId": parent, "copal.step": key})
+                run_id = run.info.run_id
+                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                                 metrics=[Metric(k, float(v), 0, record["index"]) for k, v in values.items()])
+                client.log_artifacts(run_id, str(model_dir), "model")
+                if (state.folder / "sensitivity").is_dir():
+                    client.log_artifacts(run_id, str(state.folder / "sensitivity"), "sensitivity")
+                if plot_png:
+                    (Path(scratch) / "ppl_matrix.png").write_bytes(plot_png)
+                    client.log_artifact(run_id, str(Path(scratch) / "ppl_matrix.png"))
+                version = self._register(client, run_id, state)
+                client.set_terminated(run_id)  # FINISHED: complete, with its model version
             if self.run_dir.dense_tasks_path.exists() and not self.state.get("dense_tasks_logged"):
                 # The dense model's task accuracies (evaluation.tasks), once, on the parent run.
                 dense = read_json(self.run_dir.dense_tasks_path, "dense task accuracies").get("tasks", {})
@@ -154,6 +167,27 @@ class Tracker:
         self.state.setdefault("steps", {})[key] = {"run_id": run_id, "model_version": version}
         self._save()
         return self.state["steps"][key]
+
+    def _registered(self, client, key: str) -> tuple[str, str] | None:
+        """(run id, version) of the model version already registered for step `key`, if any."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = client.search_model_versions(f"name = '{self.state['model_name']}'")
+        except MlflowException:
+            return None
+        for version in versions:
+            if version.tags.get("copal.step") == key:
+                return version.run_id, str(version.version)
+        return None
+
+    def _delete_unregistered(self, client, parent: str, key: str, keep: str | None = None) -> None:
+        """Child runs of step `key` that interrupted attempts left without a model version
+        (all but `keep`, the one that has it)."""
+        for run in client.search_runs([self.state["experiment_id"]],
+                                      f"tags.mlflow.parentRunId = '{parent}' and tags.`copal.step` = '{key}'"):
+            if run.info.run_id != keep:
+                client.delete_run(run.info.run_id)
 
     def _register(self, client, run_id: str, state: StepState) -> str:
         from mlflow.exceptions import MlflowException

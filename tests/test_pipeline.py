@@ -71,15 +71,16 @@ def test_each_step_is_recorded_in_mlflow(tracked_run):
     assert {"bwt", "avg_ppl", "sparsity", "seconds", "peak_rss_mb"} <= child.metrics.keys()
     artifacts = {a.path for a in client.list_artifacts(by_step["3"].info.run_id)}
     assert {"model", "sensitivity", "ppl_matrix.png"} <= artifacts
-    versions = client.search_model_versions("name = 'pipe'")
+    assert tracking["model_name"] == f"pipe-{tracking['parent_run_id'][:8]}"  # the run's identity, not its name
+    versions = client.search_model_versions(f"name = '{tracking['model_name']}'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]
 
 
 def test_registered_version_loads_bit_identical_to_export(tracked_run):
     from tasks.tracking import load_model_version
 
-    version = json.loads((tracked_run / "run/tracking.json").read_text())["steps"]["2"]["model_version"]
-    registered, _ = load_model_version("pipe", version)
+    tracking = json.loads((tracked_run / "run/tracking.json").read_text())
+    registered, _ = load_model_version(tracking["model_name"], tracking["steps"]["2"]["model_version"])
     exported, _ = load_step_model(tracked_run / "run", 2)
     a, b = registered.state_dict(), exported.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -245,4 +246,4 @@ def test_two_concurrent_runs_share_one_store(tmp_path, llama_dir, corpus_dir, is
         children = client.search_runs([tracking["experiment_id"]],
                                       f"tags.mlflow.parentRunId = '{tracking['parent_run_id']}'")
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-        assert len(client.search_model_versions(f"name = '{name}'")) == 2
+        assert len(client.search_model_versions(f"name = '{tracking['model_name']}'")) == 2

@@ -164,7 +164,7 @@ def test_two_domains_with_one_name_are_one_line_and_exit_2(tmp_path, llama_dir, 
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"copal: error: text:{tmp_path / 'b/legal.txt'}: another domain is already named 'legal'; "
-                     f"name it NAME=text:{tmp_path / 'b/legal.txt'}"], result.stderr
+                     f"name it, e.g. legal-2=text:{tmp_path / 'b/legal.txt'}"], result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -179,7 +179,7 @@ def test_an_input_error_inside_the_flow_is_one_line_too(tmp_path, llama_dir, cor
     assert "Traceback" not in result.stderr and "| ERROR" not in result.stderr, result.stderr
     mentions = [line for line in result.stderr.splitlines() if "legal" in line]
     assert mentions == [f"copal: error: text:{tmp_path / 'b/legal.txt'}: another domain is already named 'legal'; "
-                        f"name it NAME=text:{tmp_path / 'b/legal.txt'}"], result.stderr
+                        f"name it, e.g. legal-2=text:{tmp_path / 'b/legal.txt'}"], result.stderr
 
 
 def test_prefect_reports_of_input_errors_are_dropped_and_others_kept():

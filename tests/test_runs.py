@@ -68,7 +68,8 @@ def test_a_sweep_equals_single_runs_with_one_mlflow_parent_run_each_and_resumes(
         children = client.search_runs([tracking["experiment_id"]],
                                       f"tags.mlflow.parentRunId = '{tracking['parent_run_id']}'")
         assert len(children) == 2
-        assert len(client.search_model_versions(f"name = '{name}'")) == 2
+        assert tracking["model_name"] == f"{name}-{tracking['parent_run_id'][:8]}"
+        assert len(client.search_model_versions(f"name = '{tracking['model_name']}'")) == 2
     stamps = {p: p.stat().st_mtime_ns for p in many.rglob("steps/**/*") if p.is_file()}
     metrics = {name: _metrics(many / name) for name in SWEPT.values()}
     again = invoke("run", config, "--sweep", "sparsity=0.4,0.6", "--cpus", 1, "--out", many)
