@@ -22,13 +22,16 @@ from copal.domains import RunDomains
 from copal.errors import InputError
 from copal.masks import Structure
 from copal.methods import build_method
+from copal.environment import differences, environment
 from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
-                         resolve_device, set_weight_matrix)
+                         resolve_device, set_weight_matrix, torch_threads)
 from copal.regimes import REGIMES
+from copal.replay import ReplayResult
 from copal.rundir import RunDir, reconcile, summarize
 from copal.state import StepState, StepWriter, read_json, write_json
 from copal.step import prune_step
 from copal.streaming import load_streaming
+from copal.tokens import TextStart
 
 log = logging.getLogger("copal")
 
@@ -238,6 +241,8 @@ class ContinualRun:
             "method": self.config.method, "regime": self.config.regime, "structure": self.config.structure,
             "sparsity_target": self.config.sparsity, "seed": self.config.calibration.seed,
             "code_revision": _code_revision(),
+            "tokenization": self.domains.start.record(),
+            "environment": environment(self.device, self.config.dtype),
             "ppl": {name: result["ppl"] for name, result in evaluation.items()},
             "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
             "sparsity": pending.writer.overall_sparsity(), "layer_sparsity": pending.writer.layer_sparsity(),
@@ -279,8 +284,10 @@ class ContinualRun:
             step(index)
         return self.write_metrics()
 
-    def replay(self, step_id: int) -> list[str]:
-        """Recompute a recorded step from its parent and data; the layers whose masks differ."""
+    def replay(self, step_id: int) -> ReplayResult:
+        """Recompute a recorded step from its parent and data, under its recorded thread
+        count and tokenization; compare its masks with the record, layer by layer, and
+        where they differ its own-domain PPL too."""
         import tempfile
 
         state = self.dir.step(step_id)
@@ -289,18 +296,41 @@ class ContinualRun:
         if self.domains[index].fingerprint != state.record["fingerprint"]:
             raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
                              f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
+        self._use_start(TextStart.from_record(state.record.get("tokenization")))
+        recorded_env = state.record.get("environment")
+        threads = recorded_env["threads"] if recorded_env else None
         recorded = {name: state.mask(name) for name in state.mask_names()}
         current = self.stream.weights if self.stream is not None else None
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
+            result = ReplayResult(step_id, threads, differences(recorded_env, environment(self.device,
+                                                                                        self.config.dtype)),
+                                  {}, domain=state.record["domain"])
             pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
             self.calibrate(pending)
             self.prune(pending)
+            for name in dict.fromkeys([*pending.writer.packed_masks, *recorded]):
+                packed = pending.writer.packed_masks.get(name)
+                if packed is None or name not in recorded:
+                    result.agreement[name] = 0.0
+                    continue
+                mask = maskio.unpack(packed, recorded[name].shape)
+                result.agreement[name] = float((mask == recorded[name]).double().mean())
+            if result.differing and state.record["domain"] in state.record.get("ppl", {}):
+                ppl, _ = metrics.perplexity(self.model, self.domains.windows(self.domains[index]), self.device,
+                                            self.config.evaluation.batch_size, self.stream)
+                result.ppl = (state.record["ppl"][state.record["domain"]], ppl)
             if self.stream is not None:
                 self.stream.weights = current
-            return [name for name, packed in pending.writer.packed_masks.items()
-                    if name not in recorded or not torch.equal(maskio.unpack(packed, recorded[name].shape),
-                                                               recorded[name])] + \
-                   [name for name in recorded if name not in pending.writer.packed_masks]
+        return result
+
+    def _use_start(self, start: TextStart) -> None:
+        """Cut the run's windows with `start` (a step's recorded tokenization) from now on."""
+        if start == self.domains.start:
+            return
+        domains = RunDomains(self.config, self.tokenizer, self.domains.fingerprints(), self.domains.data_dir, start)
+        for domain in self.domains:
+            domains.add(domain.source.spec)
+        self.domains = domains
 
     def write_metrics(self) -> dict:
         payload = summarize(self.dir, self.config)

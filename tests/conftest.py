@@ -55,6 +55,33 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    """A tokenizer that puts a BOS before every text by default, as Llama-2's, Gemma's
+    and Mistral's do (a template post-processor, saved as a plain fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                             special_tokens=[("<bos>", bos)])
+    folder = tmp_path_factory.mktemp("bos_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bos_llama_dir(tmp_path_factory, bos_tokenizer_dir) -> Path:
+    """A tiny random Llama whose tokenizer adds a BOS."""
+    return build_model_dir(tmp_path_factory.mktemp("bos_llama"), "llama", bos_tokenizer_dir)
+
+
 VOCAB = 512
 
 
