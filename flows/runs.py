@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -66,7 +68,9 @@ def runs_flow(planned: list[PlannedRun], runner: str, resources: Resources, trac
     cluster all at once (each reserving `resources`)."""
     where = parse_runner(runner)
     workdir = os.getcwd() if where.cluster else None
-    threads = (resources.cpus or 1) if where.cluster else resources.cpus
+    # On a cluster each run pins the thread count it would have here (float results depend
+    # on it), so the cluster's numbers are this machine's whatever its workers' size.
+    threads = (resources.cpus or torch.get_num_threads()) if where.cluster else resources.cpus
     failures: dict[str, Exception] = {}
 
     def start(run: PlannedRun):
