@@ -228,3 +228,33 @@ def test_runner_addresses_parse():
     with pytest.raises(Exception, match="expected"):
         runners.parse_runner("ray://h:x")
     assert bench.Resources(cpus=2).cpus == 2
+
+
+def test_a_shared_test_cluster_found_dead_is_started_again_and_stopped_at_the_end():
+    """conftest.LocalCluster on a stand-in server: a listening socket as a Ray head's client port."""
+    from contextlib import contextmanager
+
+    from conftest import LocalCluster
+
+    started, stopped = [], []
+
+    @contextmanager
+    def head():
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        started.append(server)
+        try:
+            yield f"ray://127.0.0.1:{server.getsockname()[1]}"
+        finally:
+            stopped.append(server)
+            server.close()
+
+    cluster = LocalCluster(head)
+    first = cluster.address()
+    assert cluster.address() == first and len(started) == 1  # alive: the same one
+    started[0].close()  # the head dies between two tests
+    second = cluster.address()
+    assert second != first and len(started) == 2 and stopped == [started[0]]
+    cluster.stop()
+    assert stopped == started
