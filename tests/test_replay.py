@@ -92,7 +92,8 @@ def test_the_command_exits_1_outside_the_tolerance(recorded_run, monkeypatch):
     monkeypatch.setattr(ContinualRun, "replay", lambda self, step: far)
     result = CliRunner().invoke(app, ["replay", "--run", str(run), "--step", "2"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("copal: step 2: outside tolerance") and "device cuda NVIDIA H200 → cpu" in result.stderr
+    assert result.stderr.startswith("copal: step 2: outside tolerance")
+    assert "device cuda NVIDIA H200 → cpu" in result.stderr
     near = _result({"model.layers.0.mlp.up_proj": 0.999}, {"device": ("cuda NVIDIA H200", "cpu")}, (10.0, 10.01))
     monkeypatch.setattr(ContinualRun, "replay", lambda self, step: near)
     result = CliRunner().invoke(app, ["replay", "--run", str(run), "--step", "2"])
