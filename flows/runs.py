@@ -34,7 +34,7 @@ Progress = Callable[[str, int, int], None]
 def for_workers(planned: list[PlannedRun], uri: str | None) -> tuple[list[PlannedRun], Path, str]:
     """What a cluster's workers are given, resolved here (they have neither this process's
     working directory nor its environment): the runs with absolute directories, the Arrow
-    cache ($COPAL_DATA_DIR or the project's) and the MLflow tracking URI."""
+    cache ($COPAL_DATA_DIR, else data/arrow under $COPAL_HOME or here) and the MLflow tracking URI."""
     from copal.data import arrow_dir
     from tasks.tracking import tracking_uri
 
