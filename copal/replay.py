@@ -9,7 +9,7 @@ test: the replay then verifies the step if every layer's mask agrees with the
 record on at least `MIN_LAYER_AGREEMENT` of its weights and the step's own-domain
 PPL is within `MAX_PPL_CHANGE` of the recorded one. Both bounds hold a margin over
 the spread measured between CPU kernels (`benchmarks/replay_spread.py`,
-docs/RESULTS.md "Replay across machines").
+docs/RESULTS.md "Replay across machines (issue 21)").
 """
 
 from dataclasses import dataclass
