@@ -136,9 +136,10 @@ def replay_on(device: str, root: Path) -> dict:
     run = ContinualRun(config, root, data_dir=WORK / "arrow", readonly=True)
     step = RunDir(root).head()
     started = time.time()
-    differing = run.replay(step)
-    return {"step": step, "device": device, "layers_differing": len(differing),
-            "layers": len(RunDir(root).step(step).mask_names()), "seconds": round(time.time() - started, 2)}
+    result = run.replay(step)
+    return {"step": step, "device": device, "verified": result.verified, "facts_differing": result.facts,
+            "layers_differing": len(result.differing), "lowest_layer_agreement": min(result.agreement.values()),
+            "ppl": result.ppl, "report": result.lines(), "seconds": round(time.time() - started, 2)}
 
 
 # ---------------------------------------------------------------------------- phases

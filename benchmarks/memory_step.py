@@ -67,7 +67,7 @@ def _child(config_path: Path, out: Path) -> None:
     """In the fresh process: RSS after imports, after loading, then one library step."""
     import copal.continual as continual
     from copal.config import load_config
-    from copal.metrics import limit_allocator_fragmentation
+    from copal.allocator import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()  # as the command line does
     after_imports = _rss_mb()

@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: pass,eval,orchestration")
     args = parser.parse_args()
 
-    from copal.metrics import limit_allocator_fragmentation
+    from copal.allocator import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()
     if args.threads:

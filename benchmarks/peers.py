@@ -124,7 +124,7 @@ def copal_child(spec: dict) -> None:
     import copal.continual as continual
     from copal.config import build_config
     from copal.export import export_step
-    from copal.metrics import limit_allocator_fragmentation
+    from copal.allocator import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()  # as the command line does
     rss_after_imports = status_mb("VmRSS")

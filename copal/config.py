@@ -10,14 +10,14 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from copal.errors import InputError
 from copal.names import NAME_RULE, is_safe_name
+from copal.paths import shipped
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
 REGIMES = ("sequential", "reprune", "accumulate", "joint")
 STRUCTURES = ("unstructured", "2:4", "4:8")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
-BENCH_CONFIG = PROJECT_ROOT / "configs" / "bench.yaml"
+DEMO_CONFIG = shipped("configs/demo.yaml")
+BENCH_CONFIG = shipped("configs/bench.yaml")
 
 
 class _Strict(BaseModel):
@@ -217,10 +217,10 @@ def read_config_file(path: Path) -> dict:
 
 def load_raw(path: Path | None, overrides: list[str] = (), default: Path = DEMO_CONFIG) -> dict:
     """A config file (default: `default`) as a mapping, `key=value` overrides applied, not yet
-    validated. A shipped default's relative model path is the project's model wherever you run it."""
+    validated. A shipped default's relative model path is the shipped model wherever you run it."""
     raw = read_config_file(path or default)
     if path is None and not Path(raw.get("model", "")).is_absolute():
-        raw["model"] = str(PROJECT_ROOT / raw["model"])
+        raw["model"] = str(shipped(raw["model"]))
     return apply_overrides(raw, list(overrides))
 
 

@@ -23,13 +23,16 @@ from copal.domains import RunDomains
 from copal.errors import EnvironmentFault, InputError
 from copal.masks import Structure
 from copal.methods import build_method
+from copal.environment import differences, environment
 from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
-                         resolve_device, set_weight_matrix)
+                         resolve_device, set_weight_matrix, torch_threads)
 from copal.regimes import REGIMES
+from copal.replay import ReplayResult
 from copal.rundir import RunDir, reconcile, summarize
 from copal.state import CODECS, StepState, StepWriter, read_json, write_json
 from copal.step import prune_step
 from copal.streaming import load_streaming
+from copal.tokens import TextStart
 
 log = logging.getLogger("copal")
 
@@ -258,6 +261,8 @@ class ContinualRun:
             "method": self.config.method, "regime": self.config.regime, "structure": self.config.structure,
             "sparsity_target": self.config.sparsity, "seed": self.config.calibration.seed,
             "code_revision": _code_revision(),
+            "tokenization": self.domains.start.record(),
+            "environment": environment(self.device, self.config.dtype),
             "ppl": {name: result["ppl"] for name, result in evaluation.items()},
             "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
             "sparsity": pending.writer.overall_sparsity(), "layer_sparsity": pending.writer.layer_sparsity(),
@@ -307,9 +312,10 @@ class ContinualRun:
             step(index)
         return self.write_metrics()
 
-    def replay(self, step_id: int) -> list[str]:
-        """Recompute a recorded step from its parent and data: what differs from the record,
-        as the layers whose masks differ and the other files (state, weights) whose bytes do."""
+    def replay(self, step_id: int) -> ReplayResult:
+        """Recompute a recorded step from its parent and data, under its recorded thread
+        count and tokenization; compare its masks with the record, layer by layer, its
+        other files (state, weights) byte for byte, and where masks differ its own-domain PPL."""
         import tempfile
 
         from copal.digests import tree_digests
@@ -322,25 +328,46 @@ class ContinualRun:
             raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
                              f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
         recorded_files = state.record.get("files") or tree_digests(state.folder)
+        self._use_start(TextStart.from_record(state.record.get("tokenization")))
+        recorded_env = state.record.get("environment")
+        threads = recorded_env["threads"] if recorded_env else None
+        recorded = {name: state.mask(name) for name in state.mask_names()}
         current = self.stream.weights if self.stream is not None else None
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
+            result = ReplayResult(step_id, threads, differences(recorded_env, environment(self.device,
+                                                                                        self.config.dtype)),
+                                  {}, domain=state.record["domain"])
             pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
             self.calibrate(pending)
             self.prune(pending)
+            for name in dict.fromkeys([*pending.writer.packed_masks, *recorded]):
+                packed = pending.writer.packed_masks.get(name)
+                if packed is None or name not in recorded:
+                    result.agreement[name] = 0.0
+                    continue
+                mask = maskio.unpack(packed, recorded[name].shape)
+                result.agreement[name] = float((mask == recorded[name]).double().mean())
+            replayed = pending.writer.commit({"step": pending.step_id, "parent": state.record["parent"],
+                                              "domain": state.record["domain"], "ppl": {}})
+            files = StepState(replayed).record["files"]
+            result.files = [name for name in sorted(set(files) | set(recorded_files)) if name != "masks.safetensors"
+                            and files.get(name) != recorded_files.get(name)]
+            if result.differing and state.record["domain"] in state.record.get("ppl", {}):
+                ppl, _ = metrics.perplexity(self.model, self.domains.windows(self.domains[index]), self.device,
+                                            self.config.evaluation.batch_size, self.stream)
+                result.ppl = (state.record["ppl"][state.record["domain"]], ppl)
             if self.stream is not None:
                 self.stream.weights = current
-            replayed = StepState(pending.writer.commit({"step": pending.step_id, "parent": state.record["parent"],
-                                                        "domain": state.record["domain"],
-                                                        "fingerprint": state.record["fingerprint"], "ppl": {}}))
-            files = replayed.record["files"]
-            differing = [name for name in sorted(set(files) | set(recorded_files))
-                         if files.get(name) != recorded_files.get(name)]
-            if "masks.safetensors" not in differing:
-                return differing
-            masks = [name for name in replayed.mask_names()
-                     if name not in state.mask_names() or not torch.equal(replayed.mask(name), state.mask(name))]
-            masks += [name for name in state.mask_names() if name not in replayed.mask_names()]
-            return (masks or ["masks.safetensors"]) + [name for name in differing if name != "masks.safetensors"]
+        return result
+
+    def _use_start(self, start: TextStart) -> None:
+        """Cut the run's windows with `start` (a step's recorded tokenization) from now on."""
+        if start == self.domains.start:
+            return
+        domains = RunDomains(self.config, self.tokenizer, self.domains.fingerprints(), self.domains.data_dir, start)
+        for domain in self.domains:
+            domains.add(domain.source.spec)
+        self.domains = domains
 
     def write_metrics(self) -> dict:
         payload = summarize(self.dir, self.config)

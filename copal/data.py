@@ -20,9 +20,10 @@ import torch
 from copal import splits
 from copal.errors import InputError
 from copal.names import NAME_RULE, check_name, is_safe_name, safe_example
+from copal.paths import state_home
+from copal.tokens import TextStart, text_start
 
 SOURCE_KINDS = ("builtin", "text", "jsonl", "parquet", "hf")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "arrow"
 
 
 @dataclass(frozen=True)
@@ -298,8 +299,9 @@ def _read_cached(path: Path, signature: str) -> tuple[str, dict] | None:
 
 
 def arrow_dir(data_dir: Path | None = None) -> Path:
-    """The Arrow cache: `data_dir`, else $COPAL_DATA_DIR, else the project's data/arrow."""
-    return Path(data_dir or os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR)
+    """The Arrow cache: `data_dir`, else $COPAL_DATA_DIR, else data/arrow under
+    copal.paths.state_home() ($COPAL_HOME or the working directory)."""
+    return Path(data_dir or os.environ.get("COPAL_DATA_DIR") or state_home() / "data" / "arrow")
 
 
 def ingest(source: Source | str, data_dir: Path | None = None) -> Domain:
@@ -370,24 +372,50 @@ def token_stream(texts: list[str], tokenizer, min_tokens: int) -> torch.Tensor:
         chars *= 2
 
 
-def calibration_samples(domain: Domain, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def _with_start(windows: torch.Tensor, start: TextStart) -> torch.Tensor:
+    """`windows` (count, text tokens) with the tokenizer's start tokens before each."""
+    if not start.ids:
+        return windows
+    prefix = torch.tensor(start.ids, dtype=windows.dtype).expand(len(windows), len(start.ids))
+    return torch.cat([prefix, windows], dim=1)
+
+
+def _text_length(domain: Domain, seqlen: int, start: TextStart) -> int:
+    length = seqlen - len(start.ids)
+    if length < 2:
+        raise InputError(f"{domain.source.spec}: seqlen={seqlen} leaves {length} text token(s) after the "
+                         f"tokenizer's start tokens {list(start.tokens)}; need at least 2")
+    return length
+
+
+def calibration_samples(domain: Domain, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        start: TextStart | None = None) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at seeded random offsets of the
-    calibration part → LongTensor (nsamples, seqlen)."""
-    stream = token_stream(domain.texts(splits.CALIBRATION), tokenizer, 8 * nsamples * seqlen)
-    if len(stream) <= seqlen:
+    calibration part → LongTensor (nsamples, seqlen). Each starts with the
+    tokenizer's start tokens (`start`, default: `copal.tokens.text_start`), if any,
+    followed by text."""
+    start = text_start(tokenizer) if start is None else start
+    length = _text_length(domain, seqlen, start)
+    stream = token_stream(domain.texts(splits.CALIBRATION), tokenizer, 8 * nsamples * length)
+    if len(stream) <= length:
         raise InputError(f"{domain.source.spec}: calibration part has {len(stream)} tokens; "
                          f"need more than seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, len(stream) - length + 1, (nsamples,), generator=generator)
+    return _with_start(torch.stack([stream[s : s + length] for s in starts.tolist()]), start)
 
 
-def evaluation_windows(domain: Domain, tokenizer, seqlen: int, max_tokens: int) -> torch.Tensor:
-    """Non-overlapping `seqlen` windows over the evaluation part (at most
-    `max_tokens` tokens, remainder dropped) → LongTensor (nwindows, seqlen)."""
+def evaluation_windows(domain: Domain, tokenizer, seqlen: int, max_tokens: int,
+                       start: TextStart | None = None) -> torch.Tensor:
+    """Non-overlapping windows over the evaluation part (at most `max_tokens` text
+    tokens, remainder dropped) → LongTensor (nwindows, seqlen): each the tokenizer's
+    start tokens (`start`, default: `copal.tokens.text_start`), if any, then the
+    next `seqlen - len(start)` text tokens, so exactly the text tokens are predicted."""
+    start = text_start(tokenizer) if start is None else start
+    length = _text_length(domain, seqlen, start)
     stream = token_stream(domain.texts(splits.EVALUATION), tokenizer, max_tokens)[:max_tokens]
-    nwindows = len(stream) // seqlen
+    nwindows = len(stream) // length
     if nwindows == 0:
         raise InputError(f"{domain.source.spec}: evaluation part has {len(stream)} tokens; "
                          f"need at least seqlen={seqlen}")
-    return stream[: nwindows * seqlen].view(nwindows, seqlen)
+    return _with_start(stream[: nwindows * length].view(nwindows, length), start)

@@ -4,7 +4,9 @@ A domain's name must be unique within a run, and its data must be what the
 run recorded (its fingerprint), else a later step would silently compare PPLs
 on other text. Calibration samples and evaluation windows are cut on first use
 and kept, and cut on adding a domain, so that a too-short domain fails when it
-is added, not after hours of work.
+is added, not after hours of work. Every window starts with the tokenizer's
+start tokens (its BOS, if it adds one: copal.tokens), unless told otherwise
+(a replay of a step recorded under another convention).
 """
 
 from pathlib import Path
@@ -15,15 +17,17 @@ from copal.config import RunConfig
 from copal.data import Domain, calibration_samples, evaluation_windows, ingest, parse_source
 from copal.errors import InputError
 from copal.names import safe_example
+from copal.tokens import TextStart, text_start
 
 
 class RunDomains:
     """The run's domains in order; `fingerprints` holds what the run recorded."""
 
     def __init__(self, config: RunConfig, tokenizer, fingerprints: dict[str, str] | None = None,
-                 data_dir: Path | None = None):
+                 data_dir: Path | None = None, start: TextStart | None = None):
         self.config = config
         self.tokenizer = tokenizer
+        self.start = text_start(tokenizer) if start is None else start
         self.recorded = dict(fingerprints or {})
         self.data_dir = data_dir
         self.domains: list[Domain] = []
@@ -72,12 +76,13 @@ class RunDomains:
         if domain.name not in self._samples:
             cal = self.config.calibration
             self._samples[domain.name] = calibration_samples(domain, self.tokenizer, cal.nsamples, cal.seqlen,
-                                                             cal.seed)
+                                                             cal.seed, self.start)
         return self._samples[domain.name]
 
     def windows(self, domain: Domain) -> torch.Tensor:
         """Evaluation windows (count, seqlen) of `domain`."""
         if domain.name not in self._windows:
             ev = self.config.evaluation
-            self._windows[domain.name] = evaluation_windows(domain, self.tokenizer, ev.seqlen, ev.max_tokens)
+            self._windows[domain.name] = evaluation_windows(domain, self.tokenizer, ev.seqlen, ev.max_tokens,
+                                                          self.start)
         return self._windows[domain.name]

@@ -116,8 +116,10 @@ class Resources(_Strict):
     lands on a worker without it); everywhere, `cpus` is the cell's torch thread count.
 
     The same cell gives bit-identical numbers on every runner when it runs with the
-    same thread count: set `cpus` to pin it. Unset, cells run alone on this machine use
-    every core, cells run in parallel here share the cores, and a cluster gives 1."""
+    same thread count, which `copal bench` pins on every runner: `cpus` if set; unset, the
+    local runner's plan on the submitting machine (every thread of its process for a cell
+    run alone, the cores shared among cells run at once), on a cluster too, whatever size
+    its workers are (a cell still reserves 1 CPU there)."""
 
     cpus: int | None = Field(None, ge=1)
     memory_gb: float | None = Field(None, gt=0)
@@ -289,7 +291,7 @@ def run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int 
     """One cell, to the end of its domain sequence (resuming what is recorded), in this
     process with `threads` torch threads (None: as the process has them); its directory."""
     from copal.continual import ContinualRun
-    from copal.metrics import limit_allocator_fragmentation
+    from copal.allocator import limit_allocator_fragmentation
     from copal.model import torch_threads
 
     limit_allocator_fragmentation()

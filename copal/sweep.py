@@ -21,8 +21,7 @@ from copal.config import DEMO_CONFIG, RunConfig, build_config, load_run_raw
 from copal.errors import InputError
 from copal.grid import Resources
 from copal.names import check_name
-
-DEFAULT_PARENT = Path("runs")
+from copal.paths import state_home
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,8 @@ def _plan_one(path: Path | None, swept: tuple, overrides: list[str], parent: Pat
     name = run_name(str(raw.get("name", RunConfig.model_fields["name"].default)), swept)
     with about(name if several else None):
         config = build_config(raw, str(path or DEMO_CONFIG)).model_copy(update={"name": check_name(name, "run name")})
-    directory = (parent or DEFAULT_PARENT) / name if several else parent or DEFAULT_PARENT / name
+    default = state_home() / "runs"
+    directory = (parent or default) / name if several else parent or default / name
     return PlannedRun(name, config, directory)
 
 
@@ -97,7 +97,7 @@ def plan_runs(paths: list[Path | None], sweep_items: list[str], overrides: list[
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise InputError(f"runs named {', '.join(twice)} more than once (each run's directory is "
-                         f"{out or DEFAULT_PARENT}/<name>): give the configs different names")
+                         f"{out or state_home() / 'runs'}/<name>): give the configs different names")
     return planned, several
 
 

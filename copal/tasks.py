@@ -31,6 +31,7 @@ from torch import nn
 
 from copal.errors import InputError
 from copal.lm_tasks import BUILTIN_TASKS, TASK_DIR
+from copal.tokens import text_start
 
 # lm-eval's own loggers: its INFO lines and its warning about a model passed as an object.
 _LM_EVAL_LOGGERS = ("lm_eval", "lm-eval")
@@ -153,7 +154,10 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], include_path: 
         model.to(device)
         try:
             # A copy of the tokenizer: HFLM may set its pad token, and the caller's stays as it was.
-            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+            # A tokenizer that starts texts with a BOS gets it here too, as in calibration and
+            # perplexity (copal.tokens); one that adds none is left to lm-eval's default.
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size,
+                      add_bos_token=True if text_start(tokenizer).ids else None)
             # No seeds: lm-eval would otherwise reseed the process's random, numpy and torch
             # generators; zero-shot multiple choice draws nothing at random.
             results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit,

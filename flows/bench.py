@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -217,30 +219,28 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
         log.info("cell %s finished (%d/%d)", cell.id, done, len(cells))
 
     workdir = os.getcwd() if where.cluster else None
-    cluster_threads = resources.cpus or 1
 
-    def submit_cell(cell: Cell, threads: int | None, pool: ProcessPoolExecutor | None = None):
+    def submit_cell(cell: Cell, threads: int, pool: ProcessPoolExecutor | None = None):
         dense = shared_dense(out_dir, cells, base, fingerprints)
         named = cell_task.with_options(task_run_name=f"cell {cell.id}")
         shown = None if where.cluster or pool is not None else progress
         return submit(named, where, resources, configs[cell.id], str(cell_dir(out_dir, cell)),
                       str(data_dir) if data_dir else None, threads, dense, workdir, pool, shown)
 
-    local_threads = resources.cpus  # None: every core for a cell run alone
+    # Every cell's torch thread count is planned here, as the local runner runs it, and pinned
+    # wherever it runs: float results depend on it, so a cluster of any size gives the local
+    # numbers bit for bit. `cpus` if set; else every thread of this process for a cell run
+    # alone, and this machine's cores shared among the cells that run at once.
+    alone_threads = resources.cpus or torch.get_num_threads()
     first = [cell for cell in (cost_cells(cells) if alone is None else alone) if cell in pending]
-    if not where.cluster and jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
+    if jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
         first = pending[:1]
     for cell in first:  # alone, one at a time
-        future = submit_cell(cell, cluster_threads if where.cluster else local_threads)
+        future = submit_cell(cell, alone_threads)
         future.wait()
         finished(cell, future)
     pending = [cell for cell in pending if cell not in first]
     if not pending:
-        return failures
-    if where.cluster:
-        futures = {submit_cell(cell, cluster_threads): cell for cell in pending}
-        for future in as_completed(list(futures)):
-            finished(futures[future], future)
         return failures
     cores = _cores()
     if jobs is None:
@@ -248,15 +248,21 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
         jobs = default_jobs(peak, available_memory_mb(), cores) if peak else 1
         if resources.cpus:
             jobs = max(1, min(jobs, cores // resources.cpus))
-        log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
-    if jobs == 1 or len(pending) == 1:
+        if not where.cluster:
+            log.info("per-cell peak RSS %s MB: running %d cell(s) at a time", f"{peak:.0f}" if peak else "?", jobs)
+    workers = min(jobs, len(pending))
+    threads = alone_threads if workers == 1 else resources.cpus or max(1, cores // workers)
+    if where.cluster:
+        futures = {submit_cell(cell, threads): cell for cell in pending}
+        for future in as_completed(list(futures)):
+            finished(futures[future], future)
+        return failures
+    if workers == 1:
         for cell in pending:
-            future = submit_cell(cell, local_threads)
+            future = submit_cell(cell, threads)
             future.wait()
             finished(cell, future)
         return failures
-    workers = min(jobs, len(pending))
-    threads = resources.cpus or max(1, cores // workers)
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

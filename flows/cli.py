@@ -6,24 +6,31 @@ traceback), 1 anything else.
 
 import json
 import logging
+import os
 import sys
-from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from copal.errors import EnvironmentFault, InputError, as_fault
 from flows.api import TemporaryApi
+from flows.console import err, next_steps, progress_bar, quiet_prefect
 
+# Plain help (click's formatter): paragraphs rewrapped to the terminal, an option's
+# metavar (DIR, N, URI) instead of its Python type. Only heavy-free modules are imported
+# above, so `copal --help` and an input error answer in about a second.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Continual pruning of causal language models (COPAL and its baselines).")
-err = Console(stderr=True)
+                  rich_markup_mode=None,
+                  help="Continual pruning of causal language models (COPAL and its baselines), "
+                       "every step recorded so it can be audited, replayed and rolled back.")
+# An argument is named by its metavar (CONFIG, DATA, GGUF); typer would add its Python type.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -49,7 +56,9 @@ def command(function):
                 raise
             _fail(str(fault), 1)
 
-    return app.command()(wrapper)
+    # The command list shows each command's first paragraph whole (click would cut it at 45 characters).
+    summary = " ".join((function.__doc__ or "").split("\n\n")[0].split())
+    return app.command(short_help=summary)(wrapper)
 
 
 def _one_line(error: BaseException | None) -> bool:
@@ -90,29 +99,16 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "mlflow", "alembic", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings, one per attempt
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-
-@contextmanager
-def progress_bar():
-    """A Rich progress display and the callback the library reports to."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bars:
-        tasks = {}
-
-        def report(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bars.add_task(what, total=total)
-            bars.update(tasks[what], completed=done, total=total)
-            if done >= total:
-                bars.remove_task(tasks.pop(what))
-
-        yield report
+    quiet_prefect(verbose)
+    # Hugging Face's download and loading bars off, without importing transformers here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported already (a test's process): tell it directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def print_summary(metrics: dict) -> None:
@@ -135,7 +131,8 @@ def print_summary(metrics: dict) -> None:
 
 
 TrackingUri = Annotated[Optional[str], typer.Option(
-    help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db.")]
+    metavar="URI", help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///…/mlflow.db in "
+                        "$COPAL_HOME or the working directory.")]
 
 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow running the model's own code "
@@ -146,23 +143,30 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 @command
 def run(
     configs: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="[CONFIG]...", help="Run configs (YAML). Default: the offline demo config.")] = None,
-    sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,...: one run per value (repeat the option: every "
-                                                  "combination). Each run is named <name>-KEY-VALUE.")] = [],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config key in every run: key=value or "
-                                                          "a.b=value.")] = [],
-    runner: Annotated[str, typer.Option(help="Where the runs go: local (this machine, one at a time), "
-                                             "ray://HOST:PORT or dask://HOST:PORT (a cluster, at once). A cluster "
-                                             "needs PREFECT_API_URL (a Prefect server).")] = "local",
-    cpus: Annotated[Optional[int], typer.Option(help="Each run's torch threads (and CPUs reserved on a cluster). "
-                                                     "Default: as the process has them (1 on a cluster).")] = None,
-    memory_gb: Annotated[Optional[float], typer.Option(help="Memory each run reserves on a cluster.")] = None,
-    gpus: Annotated[float, typer.Option(help="GPUs each run reserves on a cluster.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory. Default: runs/<name>. With several runs "
-                                                     "(several configs or --sweep): the folder their run "
-                                                     "directories go in, OUT/<run name>; default runs.")] = None,
+        metavar="CONFIG", help="Run configs (YAML). Default: the offline demo config.")] = None,
+    sweep: Annotated[list[str], typer.Option(
+        metavar="KEY=V1,V2,…", help="KEY=V1,V2,...: one run per value (repeat the option: every "
+                                    "combination). Each run is named <name>-KEY-VALUE.")] = [],
+    set_: Annotated[list[str], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a config key in every run: key=value or "
+                                           "a.b=value.")] = [],
+    runner: Annotated[str, typer.Option(
+        metavar="RUNNER", help="Where the runs go: local (this machine, one at a time), "
+                               "ray://HOST:PORT or dask://HOST:PORT (a cluster, at once). A cluster "
+                               "needs PREFECT_API_URL (a Prefect server).")] = "local",
+    cpus: Annotated[Optional[int], typer.Option(
+        metavar="N", help="Each run's torch threads (and CPUs reserved on a cluster). "
+                          "Default: as this process has them, on a cluster too.")] = None,
+    memory_gb: Annotated[Optional[float], typer.Option(
+        metavar="GB", help="Memory each run reserves on a cluster.")] = None,
+    gpus: Annotated[float, typer.Option(metavar="G", help="GPUs each run reserves on a cluster.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Run directory. Default: runs/<name>. With several runs "
+                            "(several configs or --sweep): the folder their run "
+                            "directories go in, OUT/<run name>; default runs.")] = None,
     tracking_uri: TrackingUri = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lines, and Prefect's own log lines "
+                                                                  "(flow and task runs), on stderr.")] = False,
 ):
     """A continual run over the config's domains (Prefect flow, MLflow, DVC); or several.
 
@@ -206,7 +210,9 @@ def _run_one(planned, resources, tracking_uri: str | None, api: TemporaryApi) ->
     with progress_bar() as report, torch_threads(resources.cpus):
         metrics = continual_flow(planned.config, planned.directory, tracking_uri, progress=report)
     print_summary(metrics)
-    err.print(f"run directory: {planned.directory}")
+    err.print(f"run directory: {planned.directory}", markup=False, highlight=False, soft_wrap=True)
+    for line in next_steps(planned.directory):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_runs(finished) -> None:
@@ -225,8 +231,9 @@ def print_runs(finished) -> None:
 
 @command
 def step(
-    data: Annotated[str, typer.Argument(help="The new domain's data source, e.g. text:PATH or builtin:code.")],
-    run: Annotated[Path, typer.Option(help="Run directory of an existing run.")],
+    data: Annotated[str, typer.Argument(
+        metavar="DATA", help="The new domain's data source, e.g. text:PATH or builtin:code.")],
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory of an existing run.")],
     tracking_uri: TrackingUri = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -249,18 +256,23 @@ def step(
         step_flow(data, run, tracking_uri, progress=report)
     directory = RunDir(run)
     print_summary(summarize(directory, directory.read_config()[0]))
+    for line in next_steps(run):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @command
 def replay(
-    run: Annotated[Path, typer.Option(help="Run directory.")],
-    step: Annotated[int, typer.Option(help="Step id to recompute.")],
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory.")],
+    step: Annotated[int, typer.Option(metavar="K", help="Step id to recompute.")],
     trust_remote_code: TrustRemoteCode = False,
 ):
-    """Recompute a step and check its masks, state and weights are bit-identical to the record.
+    """Recompute a step from its parent and data and check it against the record.
 
-    Exit 0 if they are, 1 if they differ, 2 if the recorded files fail their digests.
-    Changes nothing on disk."""
+    The replay runs with the step's recorded thread count and tokenization. Exit 0 if the
+    masks, state and weights are bit-identical, or, on a machine whose environment differs in a way that
+    cannot be pinned (torch, BLAS, CPU kernels, device), if every layer's mask and the
+    step's PPL agree with the record within the stated tolerance; 1 otherwise; 2 if the recorded files fail
+    their digests. Changes nothing on disk."""
     from copal.continual import ContinualRun, RunDir
     from copal.rundir import check_trust
 
@@ -273,19 +285,22 @@ def replay(
         if checked is not None:  # what replay reads: the step and the state it continued from
             checked.verify()
     with progress_bar() as report:
-        differing = ContinualRun(config, run, progress=report, readonly=True).replay(step)
-    if differing:
-        err.print(f"copal: step {step}: replay differs from the record in {len(differing)} layer mask(s) or "
-                  f"file(s): {', '.join(differing[:5])}{' …' if len(differing) > 5 else ''}", markup=False,
-                  highlight=False, soft_wrap=True)
+        result = ContinualRun(config, run, progress=report, readonly=True).replay(step)
+    head, *evidence = result.lines()
+    if not result.verified:
+        err.print(f"copal: {head}", markup=False, highlight=False, soft_wrap=True)
+        for line in evidence:
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    print(f"step {step}: replay reproduced the recorded masks, state and weights bit for bit")
+    print(head)
+    for line in evidence:
+        print(line)
 
 
 @command
 def rollback(
-    run: Annotated[Path, typer.Option(help="Run directory.")],
-    step: Annotated[int, typer.Option(help="Step id to make HEAD again.")],
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory.")],
+    step: Annotated[int, typer.Option(metavar="K", help="Step id to make HEAD again.")],
 ):
     """Make an earlier step the head of the run again.
 
@@ -308,9 +323,9 @@ def rollback(
 
 @command
 def history(
-    run: Annotated[Path, typer.Option(help="Run directory.")],
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
-    write: Annotated[Optional[Path], typer.Option(help="Also write metrics.json and history.csv for "
+    write: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Also write metrics.json and history.csv for "
                                                        "`dvc metrics` / `dvc plots` into this folder.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Check every step's files against their recorded "
                                                           "SHA-256 first (exit 2 naming the first that differs).")]
@@ -354,11 +369,13 @@ def history(
 
 @command
 def serve(
-    run: Annotated[Path, typer.Option(help="Run directory the schedule adds steps to.")],
-    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 1' (Mondays 03:00).")],
-    queue: Annotated[Optional[Path], typer.Option(help="Folder of new domains (*.txt, *.jsonl, *.parquet, "
-                                                       "folders), taken in name order.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Deployment name. Default: the run's name.")] = None,
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory the schedule adds steps to.")],
+    cron: Annotated[str, typer.Option(metavar="CRON", help="Cron schedule, e.g. '0 3 * * 1' (Mondays 03:00).")],
+    queue: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Folder of new domains (*.txt, *.jsonl, *.parquet, "
+                            "folders), taken in name order.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        metavar="NAME", help="Deployment name. Default: the run's name.")] = None,
     tracking_uri: TrackingUri = None,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -387,17 +404,20 @@ def serve(
 
 @command
 def eval(  # noqa: A001 - the command is called eval
-    model: Annotated[Path, typer.Option(help="A Hugging Face model directory (or hub id).")],
-    data: Annotated[Optional[str], typer.Option(help="Data source for perplexity, e.g. builtin:docs, text:PATH, "
-                                                     "jsonl:PATH[:FIELD].")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks for accuracy, NAME[,NAME…]: copal's "
-                                                      "(copal_wordnet_define, copal_fortune_ending), the include "
-                                                      "path's, or lm-eval's own (online).")] = None,
-    include_path: Annotated[Optional[Path], typer.Option(help="A folder of lm-eval task YAMLs.")] = None,
-    task_limit: Annotated[Optional[int], typer.Option(help="At most this many items per task (the first).")] = None,
-    seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
-    max_tokens: Annotated[int, typer.Option(help="Evaluate on at most this many tokens.")] = 65536,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    model: Annotated[Path, typer.Option(metavar="MODEL_DIR", help="A Hugging Face model directory (or hub id).")],
+    data: Annotated[Optional[str], typer.Option(
+        metavar="DATA", help="Data source for perplexity, e.g. builtin:docs, text:PATH, "
+                             "jsonl:PATH[:FIELD].")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        metavar="NAME[,NAME…]", help="lm-eval tasks for accuracy, NAME[,NAME…]: copal's "
+                                     "(copal_wordnet_define, copal_fortune_ending), the include "
+                                     "path's, or lm-eval's own (online).")] = None,
+    include_path: Annotated[Optional[Path], typer.Option(metavar="DIR", help="A folder of lm-eval task YAMLs.")] = None,
+    task_limit: Annotated[Optional[int], typer.Option(
+        metavar="N", help="At most this many items per task (the first).")] = None,
+    seqlen: Annotated[int, typer.Option(metavar="N", help="Tokens per evaluation window.")] = 256,
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Evaluate on at most this many tokens.")] = 65536,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ):
     """Perplexity on a data source's evaluation part and/or accuracy on lm-eval tasks; prints one JSON object.
 
@@ -437,8 +457,9 @@ def eval(  # noqa: A001 - the command is called eval
 
 @command
 def ingest(
-    data: Annotated[list[str], typer.Argument(help="Data sources, e.g. builtin:docs text:PATH jsonl:PATH[:FIELD].")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Arrow cache folder. Default: data/arrow "
+    data: Annotated[list[str], typer.Argument(
+        metavar="DATA", help="Data sources, e.g. builtin:docs text:PATH jsonl:PATH[:FIELD].")],
+    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Arrow cache folder. Default: data/arrow "
                                                           "(or $COPAL_DATA_DIR).")] = None,
 ):
     """Ingest data sources into Arrow (train/calibration/evaluation splits); prints JSON per source."""
@@ -453,9 +474,9 @@ def ingest(
 
 @command
 def export(
-    run: Annotated[Path, typer.Option(help="Run directory.")],
-    step: Annotated[int, typer.Option(help="Step id to export.")],
-    out: Annotated[Path, typer.Option(help="Output model directory (must not exist or be empty).")],
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory.")],
+    step: Annotated[int, typer.Option(metavar="K", help="Step id to export.")],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output model directory (must not exist or be empty).")],
     trust_remote_code: TrustRemoteCode = False,
 ):
     """The model after a step as a plain Hugging Face directory (safetensors).
@@ -489,7 +510,8 @@ def import_gguf(
                                                                "can read (any quantisation).")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output model directory (must not exist "
                                                                     "or be empty).")],
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16: what the weights are un-quantised to.")] = "float32",
+    dtype: Annotated[str, typer.Option(
+        metavar="DTYPE", help="float32 or bfloat16: what the weights are un-quantised to.")] = "float32",
 ):
     """A GGUF model as a plain Hugging Face directory (float safetensors, tokenizer, chat template).
 
@@ -506,8 +528,9 @@ def import_gguf(
 
 @command
 def report(
-    run: Annotated[Path, typer.Option(help="Run directory.")],
-    out: Annotated[Optional[Path], typer.Option(help="HTML file to write. Default: RUN_DIR/report.html.")] = None,
+    run: Annotated[Path, typer.Option(metavar="RUN_DIR", help="Run directory.")],
+    out: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="HTML file to write. Default: RUN_DIR/report.html.")] = None,
 ):
     """An HTML report of a run's history (plots and the step table).
 
@@ -524,21 +547,25 @@ def report(
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A few cells on 3 domains with less calibration and "
                                                         "evaluation data: a smoke test of a few minutes.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: reports (reports/quick with "
-                                                     "--quick).")] = None,
-    runner: Annotated[str, typer.Option(help="Where the cells run: local (this machine), ray://HOST:PORT (a Ray "
-                                             "cluster's client port) or dask://HOST:PORT (a Dask scheduler). "
-                                             "A cluster needs PREFECT_API_URL (a Prefect server).")] = "local",
-    jobs: Annotated[Optional[int], typer.Option(help="Cells run at once (--runner local). Default: as many as "
-                                                     "fit in the available memory, at most one per core.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="Base run config (model, domains, calibration, "
+    out: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Output folder. Default: reports (reports/quick with "
+                            "--quick).")] = None,
+    runner: Annotated[str, typer.Option(
+        metavar="RUNNER", help="Where the cells run: local (this machine), ray://HOST:PORT (a Ray "
+                               "cluster's client port) or dask://HOST:PORT (a Dask scheduler). "
+                               "A cluster needs PREFECT_API_URL (a Prefect server).")] = "local",
+    jobs: Annotated[Optional[int], typer.Option(
+        metavar="N", help="Cells run at once (--runner local). Default: as many as "
+                          "fit in the available memory, at most one per core.")] = None,
+    config: Annotated[Optional[Path], typer.Option(metavar="YAML", help="Base run config (model, domains, calibration, "
                                                         "evaluation). Default: configs/bench.yaml (the demo's "
                                                         "sequence, lighter evaluation).")] = None,
     tracking_uri: TrackingUri = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Run nothing: write OUT/benchmark.{json,md} "
                                                                     "and the plots from the cells finished so far "
                                                                     "(the rest listed as not yet run).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lines, and Prefect's own log lines "
+                                                                  "(flow and task runs), on stderr.")] = False,
 ):
     """The benchmark grid (methods × regimes × structures) → OUT/benchmark.{json,md} and plots.
 
@@ -553,10 +580,10 @@ def bench(
     comparison. The grid is a Prefect flow, each cell a task and an MLflow child run of the
     grid's run; each cell is a run in OUT/cells/<cell>: an interrupted grid resumes where it
     stopped and finished cells are not recomputed."""
+    _setup_logging(verbose)
     api = TemporaryApi() if runner == "local" and not report_only else None
     from flows import bench as bench_flow
 
-    _setup_logging(verbose)
     with progress_bar() as report:
         summary, written = bench_flow.run_benchmark(config, out, quick, jobs, runner=runner,
                                                     tracking_uri=tracking_uri, api=api, progress=report,
@@ -577,7 +604,7 @@ def bench(
 
 
 def main() -> None:
-    from copal.metrics import limit_allocator_fragmentation
+    from copal.allocator import limit_allocator_fragmentation
 
     limit_allocator_fragmentation()
     app(prog_name="copal")

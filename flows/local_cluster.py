@@ -1,7 +1,8 @@
 """A Ray head or a Dask scheduler with one worker on this machine, every port on
 127.0.0.1: what the runner integration tests and benchmarks/runner_overhead.py
 run `--runner ray://…` and `--runner dask://…` against. Each is a context manager
-that yields the runner address and stops the whole process group it started."""
+that yields the runner address once it answers and stops the whole process group
+it started; `answers` tells whether one still does."""
 
 import os
 import shutil
@@ -62,6 +63,21 @@ def _listening(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
     except OSError:
+        return False
+
+
+def answers(address: str) -> bool:
+    """Whether the cluster at a runner address still serves: a Ray head's client port
+    accepts connections; a Dask scheduler answers with at least one worker."""
+    from copal.errors import InputError
+    from flows.runners import dask_identity, parse_runner
+
+    runner = parse_runner(address)
+    if runner.kind == "ray":
+        return _listening(runner.port)
+    try:
+        return bool(dask_identity(runner, timeout=5)["workers"])
+    except InputError:
         return False
 
 

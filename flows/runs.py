@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -32,7 +34,7 @@ Progress = Callable[[str, int, int], None]
 def for_workers(planned: list[PlannedRun], uri: str | None) -> tuple[list[PlannedRun], Path, str]:
     """What a cluster's workers are given, resolved here (they have neither this process's
     working directory nor its environment): the runs with absolute directories, the Arrow
-    cache ($COPAL_DATA_DIR or the project's) and the MLflow tracking URI."""
+    cache ($COPAL_DATA_DIR, else data/arrow under $COPAL_HOME or here) and the MLflow tracking URI."""
     from copal.data import arrow_dir
     from tasks.tracking import tracking_uri
 
@@ -66,7 +68,9 @@ def runs_flow(planned: list[PlannedRun], runner: str, resources: Resources, trac
     cluster all at once (each reserving `resources`)."""
     where = parse_runner(runner)
     workdir = os.getcwd() if where.cluster else None
-    threads = (resources.cpus or 1) if where.cluster else resources.cpus
+    # On a cluster each run pins the thread count it would have here (float results depend
+    # on it), so the cluster's numbers are this machine's whatever its workers' size.
+    threads = (resources.cpus or torch.get_num_threads()) if where.cluster else resources.cpus
     failures: dict[str, Exception] = {}
 
     def start(run: PlannedRun):

@@ -10,8 +10,12 @@ DVC waits at most 3 s for its repository lock: a `dvc add` started while another
 hashes a large step directory fails ("Unable to acquire lock"). Runs of one project that
 snapshot at the same time (`copal run --sweep` on a cluster) therefore take turns, on a
 file lock of their own (`exclusive_dvc_add`).
+
+Outside a DVC project nothing is snapshotted; the run says so once (`dvc init` in a
+folder above the run directory turns snapshots on for the next steps).
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +26,9 @@ import yaml
 from copal.atomic import exclusive_lock
 from copal.continual import RunDir
 from copal.state import read_json, write_json
+
+log = logging.getLogger("copal")
+_SAID_OFF: set[Path] = set()  # the run directories told that their snapshots are off
 
 
 def revisions(run_dir: RunDir) -> dict[str, str | None]:
@@ -52,6 +59,11 @@ def snapshot_step(step_dir: Path) -> str | None:
         return f"stage:{os.environ['DVC_STAGE']}"
     root = dvc_root(step_dir)
     if root is None:
+        run = step_dir.resolve().parent.parent
+        if run not in _SAID_OFF:
+            _SAID_OFF.add(run)
+            log.info("DVC snapshots are off: %s is not inside a DVC project. To snapshot each step, run "
+                     "`git init && dvc init` (or `dvc init --no-scm`) in a folder above it", run)
         return None
     with exclusive_dvc_add(root):
         result = subprocess.run([sys.executable, "-m", "dvc", "add", str(step_dir.resolve())],

@@ -25,14 +25,18 @@ from copal.atomic import exclusive_lock
 from copal.continual import RunDir
 from copal.errors import InputError
 from copal.model import weights_fingerprint
+from copal.paths import state_home
 from copal.state import StepState, read_json, write_json
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "copal"
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    """`explicit`, else $MLFLOW_TRACKING_URI, else mlflow.db under copal.paths.state_home()
+    ($COPAL_HOME or the working directory; MLflow puts artifacts in mlruns/ beside it)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_home().resolve() / 'mlflow.db'}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -65,11 +69,14 @@ def _experiment_id(client, uri: str) -> str:
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment:
+        for key, value in EXPERIMENT_TAGS.items():
+            if experiment.tags.get(key) != value:  # an experiment made before copal tagged it
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     path = _sqlite_path(uri)
     location = (path.parent / "mlruns").as_uri() if path else None
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=location)
+        return client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:  # created by a concurrent run in between
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 

@@ -55,6 +55,33 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    """A tokenizer that puts a BOS before every text by default, as Llama-2's, Gemma's
+    and Mistral's do (a template post-processor, saved as a plain fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(p) for p in sorted(corpus_dir.glob("*.txt"))], trainer)
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                             special_tokens=[("<bos>", bos)])
+    folder = tmp_path_factory.mktemp("bos_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bos_llama_dir(tmp_path_factory, bos_tokenizer_dir) -> Path:
+    """A tiny random Llama whose tokenizer adds a BOS."""
+    return build_model_dir(tmp_path_factory.mktemp("bos_llama"), "llama", bos_tokenizer_dir)
+
+
 VOCAB = 512
 
 
@@ -229,22 +256,61 @@ def tiny_task(tmp_path_factory):
 # ----------------------------------------------------------------------------- clusters (loopback only)
 
 
-@pytest.fixture(scope="session")
-def ray_head():
-    """A Ray head on this machine (2 CPUs, loopback only); its Ray Client address."""
+class LocalCluster:
+    """A loopback cluster that one test module shares: started when a test first asks
+    for its address (once it answers: no sleeping), checked at every later request and
+    started afresh if it died (a long suite on a loaded machine can lose a Ray head),
+    and stopped by the module's fixture at the end."""
+
+    def __init__(self, start):
+        self._start = start  # () -> a context manager yielding the runner address
+        self._running = None
+        self._address = None
+
+    def address(self) -> str:
+        from flows.local_cluster import answers
+
+        if self._address is not None and not answers(self._address):
+            self.stop()
+        if self._address is None:
+            self._running = self._start()
+            self._address = self._running.__enter__()
+        return self._address
+
+    def stop(self) -> None:
+        if self._running is not None:
+            running, self._running, self._address = self._running, None, None
+            running.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def _ray_cluster():
     from flows.local_cluster import ray_head
 
-    with ray_head(cpus=2) as address:
-        yield address
+    cluster = LocalCluster(lambda: ray_head(cpus=2))
+    yield cluster
+    cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def dask_scheduler(prefect_api):
-    """A Dask scheduler and one worker (2 threads, resources CPU=2) on 127.0.0.1 whose
-    worker reports to the test Prefect API; the runner address."""
+@pytest.fixture
+def ray_head(_ray_cluster):
+    """A Ray head on this machine (2 CPUs, loopback only), this module's; its Ray Client address."""
+    return _ray_cluster.address()
+
+
+@pytest.fixture(scope="module")
+def _dask_cluster(prefect_api):
     from prefect.settings import PREFECT_API_URL
 
     from flows.local_cluster import dask_cluster
 
-    with dask_cluster(cpus=2, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}) as address:
-        yield address
+    cluster = LocalCluster(lambda: dask_cluster(cpus=2, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def dask_scheduler(_dask_cluster):
+    """A Dask scheduler and one worker (2 threads, resources CPU=2) on 127.0.0.1, this
+    module's, whose worker reports to the test Prefect API; the runner address."""
+    return _dask_cluster.address()

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from conftest import TINY_TASK, assert_one_line_error, small_config
 from copal import bench_report as report, grid as bench, plots
-from copal.config import METHODS, PROJECT_ROOT, REGIMES, build_config
+from copal.config import METHODS, REGIMES, build_config
+from copal.paths import PROJECT_ROOT
 from copal.continual import ContinualRun
 from flows import bench as flow
 from flows.cli import app

@@ -21,11 +21,12 @@ from flows.local_cluster import free_port
 CELLS = ["wanda-sequential-u50", "copal-sequential-u50"]  # no cost cell: on Ray both run at once
 
 
-def _config(tmp_path, llama_dir, corpus_dir, **resources) -> Path:
+def _config(tmp_path, llama_dir, corpus_dir, cpus: int | None = 1, **resources) -> Path:
     raw = small_config(llama_dir, corpus_dir, domains=[f"text:{corpus_dir / n}.txt" for n in ("alpha", "beta")],
                        calibration={"nsamples": 4}, evaluation={"max_tokens": 512})
-    raw["grid"] = {"structures": ["unstructured"], "cells": CELLS, "resources": {"cpus": 1, **resources}}
-    path = tmp_path / f"bench-{len(resources)}.yaml"
+    raw["grid"] = {"structures": ["unstructured"], "cells": CELLS,
+                   "resources": ({"cpus": cpus} if cpus else {}) | resources}
+    path = tmp_path / f"bench-{cpus}-{len(resources)}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -142,6 +143,36 @@ def test_a_grid_on_dask_gives_the_local_numbers_and_one_child_run_per_cell(dask_
     assert not (tmp_path / "gpu" / "cells").exists()
 
 
+def test_without_cpus_dask_workers_of_any_size_give_the_local_cells_bit_for_bit(prefect_api, tmp_path, llama_dir,
+                                                                               corpus_dir, monkeypatch):
+    """No `cpus`: each cell pins the thread count the local runner gives it here (this
+    process's threads), on a worker of 1 thread as on one of 2, and records it."""
+    import torch
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.local_cluster import dask_cluster
+
+    monkeypatch.setenv("COPAL_DATA_DIR", str(tmp_path / "arrow"))
+    config = _config(tmp_path, llama_dir, corpus_dir, cpus=None)
+    local = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    for threads in (1, 2):
+        with dask_cluster(cpus=threads, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}) as address:
+            out = tmp_path / f"dask-{threads}"
+            remote = CliRunner().invoke(app, ["bench", "--config", str(config), "--out", str(out), "--runner", address])
+        assert remote.exit_code == 0, remote.output
+        for cell_id in CELLS:
+            cells = [out / "cells" / cell_id, tmp_path / "local" / "cells" / cell_id]
+            metrics = [without_timings(json.loads((cell / "metrics.json").read_text())) for cell in cells]
+            assert metrics[0] == metrics[1], (threads, cell_id)
+            for cell in cells:
+                for step in (1, 2):
+                    record = json.loads((cell / "steps" / str(step) / "step.json").read_text())
+                    assert record["environment"]["threads"] == torch.get_num_threads()
+            assert ((cells[0] / "steps/2/masks.safetensors").read_bytes()
+                    == (cells[1] / "steps/2/masks.safetensors").read_bytes())
+
+
 def test_a_port_that_is_not_a_dask_scheduler_is_a_one_line_error_not_a_hang(prefect_api, tmp_path, llama_dir,
                                                                            corpus_dir, monkeypatch):
     monkeypatch.setattr(runners, "DASK_ANSWER_TIMEOUT_S", 2.0)
@@ -197,3 +228,33 @@ def test_runner_addresses_parse():
     with pytest.raises(Exception, match="expected"):
         runners.parse_runner("ray://h:x")
     assert bench.Resources(cpus=2).cpus == 2
+
+
+def test_a_shared_test_cluster_found_dead_is_started_again_and_stopped_at_the_end():
+    """conftest.LocalCluster on a stand-in server: a listening socket as a Ray head's client port."""
+    from contextlib import contextmanager
+
+    from conftest import LocalCluster
+
+    started, stopped = [], []
+
+    @contextmanager
+    def head():
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        started.append(server)
+        try:
+            yield f"ray://127.0.0.1:{server.getsockname()[1]}"
+        finally:
+            stopped.append(server)
+            server.close()
+
+    cluster = LocalCluster(head)
+    first = cluster.address()
+    assert cluster.address() == first and len(started) == 1  # alive: the same one
+    started[0].close()  # the head dies between two tests
+    second = cluster.address()
+    assert second != first and len(started) == 2 and stopped == [started[0]]
+    cluster.stop()
+    assert stopped == started

@@ -122,3 +122,55 @@ def test_every_third_party_import_of_the_package_is_a_declared_dependency():
             {_normalize(IMPORT_TO_DISTRIBUTION.get(module, module))}
         assert candidates & available, f"{module} (imported in {sorted(files)}) comes from {candidates}, " \
                                        f"which pyproject's dependencies do not declare"
+
+
+def test_the_wheel_runs_a_demo_from_another_directory_and_keeps_state_there(tmp_path):
+    """Build the wheel, install it into a fresh venv (this environment's packages visible
+    through a .pth, copal itself only from the wheel), and run a one-domain demo from an
+    empty folder: the shipped demo config and model are found, and MLflow, the Arrow cache
+    and the run land in that folder, nothing in site-packages; snapshots are said to be off."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    for part in ("copal", "flows", "tasks", "configs", "data/models/reference"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / file, source / file)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("copal-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "project-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+                   check=True, timeout=300)
+    assert (site / "copal" / "shipped" / "configs" / "demo.yaml").is_file()
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    corpus = work / "notes.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the shipped demo runs from any folder, and keeps its state "
+                                  f"there. Item {i * 7 % 13} of the list." for i in range(400)))
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_TRACKING_URI", "COPAL_DATA_DIR", "PYTHONPATH", "COPAL_HOME")}
+    before = {p for p in site.rglob("*")}
+    done = subprocess.run([venv / "bin" / "copal", "run", "--set", f"domains=[text:{corpus}]",
+                           "--set", "calibration.nsamples=4", "--set", "evaluation.max_tokens=1024"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import copal
+
+    assert Path(copal.__file__).resolve().parent != (site / "copal")  # the tests' copal is the checkout's
+    assert (work / "runs" / "demo" / "metrics.json").is_file()
+    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir() and (work / "data" / "arrow").is_dir()
+    assert "DVC snapshots are off" in done.stderr and done.stderr.count("DVC snapshots are off") == 1
+    assert "copal history --run runs/demo" in done.stderr
+    created = {p for p in site.rglob("*")} - before
+    assert not [p for p in created if "__pycache__" not in p.parts], created

@@ -294,9 +294,9 @@ def reference_windows(texts: list[str], tokenizer, seqlen: int, max_tokens: int)
     uses the whole test set), cut into non-overlapping `seqlen` windows, drop the
     remainder. The tokenizer is called as upstream's data loaders call it, with
     its default special tokens. The test tokenizer adds none, so this equals
-    copal's `add_special_tokens=False`; a tokenizer that prepends BOS (LLaMA's)
-    would put one BOS at the start of upstream's stream, shifting every window
-    by one token: a difference of definition this test cannot see."""
+    copal's windows; a tokenizer that prepends BOS (LLaMA's) would put one BOS at
+    the start of upstream's stream, where copal starts every window with one
+    (tests/test_tokens.py checks that convention against a loop of its own)."""
     ids = tokenizer("\n\n".join(texts))["input_ids"][:max_tokens]
     count = len(ids) // seqlen
     return torch.tensor(ids[: count * seqlen]).reshape(count, seqlen)

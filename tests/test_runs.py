@@ -136,7 +136,7 @@ def test_a_failed_run_costs_no_other(sweep, monkeypatch, error, code):
 
 @pytest.mark.parametrize("cluster", ["dask_scheduler", "ray_head"])
 def test_a_sweep_on_a_cluster_gives_the_local_numbers(cluster, request, sweep, tmp_path, monkeypatch):
-    runner = request.getfixturevalue(cluster)  # the session's Ray head is shared with test_bench_cluster.py
+    runner = request.getfixturevalue(cluster)  # this module's cluster, restarted if found dead
     config, many, data = sweep
     monkeypatch.setenv("COPAL_DATA_DIR", str(data))
     result = invoke("run", config, "--sweep", "sparsity=0.4,0.6", "--cpus", 1, "--runner", runner,

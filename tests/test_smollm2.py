@@ -11,7 +11,7 @@ import re
 import yaml
 from typer.testing import CliRunner
 
-from copal.config import PROJECT_ROOT
+from copal.paths import PROJECT_ROOT
 from flows.cli import app
 
 MODEL_DIR = PROJECT_ROOT / "data" / "models" / "smollm2-135m"

@@ -20,7 +20,6 @@ $COPAL_DATA_DIR) for inspection; its SHA-256 is what `copal.tasks` reports as
 
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -182,9 +181,9 @@ def builtin_items(task: str, items: int, seed: int, data_dir: Path | None = None
 
 
 def task_data_path(task: str, data_dir: Path | None = None) -> Path:
-    from copal.data import DEFAULT_DATA_DIR
+    from copal.data import arrow_dir
 
-    return Path(data_dir or os.environ.get("COPAL_DATA_DIR") or DEFAULT_DATA_DIR) / "lm_tasks" / f"{task}.jsonl"
+    return arrow_dir(data_dir) / "lm_tasks" / f"{task}.jsonl"
 
 
 def write_items(task: str, items: list[dict], data_dir: Path | None = None) -> Path:
