@@ -13,6 +13,7 @@ import torch
 from conftest import small_config
 from copal.config import build_config
 from copal.continual import ContinualRun
+from copal.rundir import RunDir
 from fake_cuda import FakeCuda
 
 CASES = [(method, regime, "unstructured") for method in ("magnitude", "wanda", "sparsegpt", "copal")
@@ -54,12 +55,14 @@ def test_a_step_on_the_compute_device_mixes_no_devices(tmp_path, data_dir, llama
     config = _config(llama_dir, corpus_dir, method, regime, structure)
     on_cpu, cpu_metrics = _run(config, tmp_path / "cpu", data_dir)
     monkeypatch.setattr("copal.continual.resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in")  # the step's record
     mode = FakeCuda()
     with mode:
         on_device, device_metrics = _run(config, tmp_path / "cuda", data_dir)
     assert mode.crossings > 0  # the run did compute on the stand-in device
     assert on_device == on_cpu
     flat = [ppl for row in device_metrics["ppl"] for ppl in row]
+    assert RunDir(tmp_path / "cuda").step(2).record["environment"]["device"] == "cuda stand-in"
     assert flat == pytest.approx([ppl for row in cpu_metrics["ppl"] for ppl in row], rel=1e-5)
 
 
