@@ -49,7 +49,7 @@ class ReplayResult:
     def verified(self) -> bool:
         """Bit-identical masks; or, in an environment that pinning cannot make the
         recorded one, agreement and PPL within the stated tolerance."""
-        if not self.differing and not self.files:
+        if not self.differing and (not self.files or self.facts):
             return True
         return bool(self.facts) and self.within_tolerance
 
@@ -58,6 +58,9 @@ class ReplayResult:
         pinned = f" with the recorded {self.threads} thread(s)" if self.threads else ""
         if not self.differing and not self.files:
             return [f"step {self.step}: replay reproduced the recorded masks, state and weights bit for bit{pinned}"]
+        if not self.differing and self.facts:  # state bytes follow the arithmetic: only masks are judged
+            return [f"step {self.step}: replay reproduced the recorded masks bit for bit{pinned} in another "
+                    f"environment ({'; '.join(f'{k} {a} → {b}' for k, (a, b) in self.facts.items())})"]
         if not self.differing:
             head = f"step {self.step}: masks reproduced{pinned}, but these files differ from the record: "
             return [head + ", ".join(self.files[:5]) + (" …" if len(self.files) > 5 else "")]

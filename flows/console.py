@@ -25,7 +25,10 @@ def quiet_prefect(verbose: bool) -> None:
     INFO lines (flow and task runs starting and finishing) would break the progress
     display. They still go to the Prefect API (its UI). Applies when Prefect is imported
     after this (the command line's case)."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DEBUG" if verbose else "WARNING")
+    if verbose:  # asked for on this command line: wins over an inherited setting
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "DEBUG"
+    else:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 def _duration(seconds: float) -> str:

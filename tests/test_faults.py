@@ -286,13 +286,14 @@ def test_cache_paths_come_from_a_digest_inside_the_cache(tmp_path, corpus_dir):
 def test_hints_show_valid_names(tmp_path, corpus_dir):
     from copal.data import parse_source
     from copal.domains import RunDomains
+    from copal.tokens import TextStart
 
     spaced = tmp_path / "my file.txt"
     shutil.copy(corpus_dir / "alpha.txt", spaced)
     line = one_line(invoke("ingest", f"text:{spaced}", "--data-dir", tmp_path / "cache"), 2, "name it, e.g.")
     assert parse_source(line.split("name it, e.g. ")[1]).name == "my_file"
 
-    domains = RunDomains(None, None)
+    domains = RunDomains(None, None, start=TextStart())  # no tokenizer: the name check needs none
     domains.domains.append(type("D", (), {"name": "docs"})())
     with pytest.raises(Exception) as raised:
         domains.add(f"docs=text:{corpus_dir / 'beta'}.txt")

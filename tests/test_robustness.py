@@ -73,8 +73,11 @@ def test_sparsegpt_fails_clearly_when_dampening_cannot_help(copal_warnings):
         sparsegpt_prune(weight, nan, Structure(0.5), None)
 
 
+CPU = torch.device("cpu")
+
+
 def test_step_policy_names_the_layer_whose_hessian_fails():
-    policy = StepPolicy(SparseGPT(), REGIMES["reprune"], Structure(0.5), None, None, None)
+    policy = StepPolicy(SparseGPT(), REGIMES["reprune"], Structure(0.5), None, None, None, CPU)
     with pytest.raises(torch.linalg.LinAlgError, match=f"^{LAYER}: SparseGPT cannot invert"):
         policy.prune_layer(LAYER, torch.ones(2, 2), torch.tensor([[1.0, 100.0], [100.0, 1.0]]))
 
@@ -114,7 +117,7 @@ def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
     hessian = x.t() @ x / x.shape[0]
     writer = StepWriter(tmp_path / "steps", 1)
     policy = StepPolicy(SparseGPT(blocksize=16, dampening=0.01), REGIMES["reprune"], Structure(0.5), None, None,
-                        writer)
+                        writer, CPU)
     final = policy.prune_layer(LAYER, weight, hessian)
     mask, expected = sparsegpt_prune(weight, hessian, Structure(0.5), None, blocksize=16)
     assert torch.equal(final, expected)
@@ -129,7 +132,7 @@ def test_layer_sparsity_counts_the_zeros_of_the_final_weight(tmp_path):
     # Methods that keep the weights: W0 ⊙ mask, so zeros of W0 the mask keeps count too.
     weight[0, :12] = 0
     writer = StepWriter(tmp_path / "steps", 2)
-    policy = StepPolicy(Magnitude(), REGIMES["reprune"], Structure(0.5), None, None, writer)
+    policy = StepPolicy(Magnitude(), REGIMES["reprune"], Structure(0.5), None, None, writer, CPU)
     final = policy.prune_layer(LAYER, weight, None)
     assert writer.layer_sparsity()[LAYER] == (final == 0).sum().item() / final.numel() == (12 + 7 * 8) / 128
 
@@ -173,7 +176,7 @@ def test_an_input_error_inside_the_flow_is_one_line_too(tmp_path, llama_dir, cor
     open-run): Prefect's routine lines stay, its reports of the error do not."""
     path = _same_stem_config(tmp_path, llama_dir, corpus_dir)
     prelude = "import copal.continual\ncopal.continual.preflight = lambda *args, **kwargs: None"
-    result = _copal_process(["run", path, "--out", tmp_path / "run"], tmp_path, prelude)
+    result = _copal_process(["run", path, "--out", tmp_path / "run", "-v"], tmp_path, prelude)  # -v: Prefect's lines
     assert result.returncode == 2, result.stderr
     assert "Beginning flow run" in result.stderr  # the error was found inside the flow
     assert "Traceback" not in result.stderr and "| ERROR" not in result.stderr, result.stderr
