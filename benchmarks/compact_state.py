@@ -9,7 +9,7 @@ Two measurements, written to reports/compact_state.json:
   storage form: the mask at step t comes from combine(decode(stored C_{t-1}),
   S_t) as in a run, and is compared with the float32 path's mask (50 %
   unstructured per row, and 2:4). Candidates: bfloat16, the library's
-  log-domain codecs (copal.state.LogCodec, 8/4/3 bits, Lloyd levels; 3 bits
+  log-domain codecs (copal.codecs.LogCodec, 8/4/3 bits, Lloyd levels; 3 bits
   also on a uniform grid; 2 bits), and rank-k factorisations (truncated SVD,
   clamped at 0, float32 factors).
 * `runs` — whole continual runs of the reference model with the benchmark's
@@ -39,7 +39,7 @@ from copal.domains import RunDomains
 from copal.masks import Structure, select_mask
 from copal.methods import Copal, LayerInput, OutputSensitivity
 from copal.model import all_prunable, load_model, weight_matrix
-from copal.state import CODECS, LogCodec, StateCodec
+from copal.codecs import CODECS, LogCodec, StateCodec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ["builtin:docs", "builtin:lexicon", "builtin:code", "builtin:fortunes", "builtin:manuals"]
@@ -199,7 +199,7 @@ def run_runs(report: dict, formats: list[str], structures: list[str], scratch: P
             started = time.perf_counter()
             run = ContinualRun(config, out)
             metrics = run.run()
-            prunable = sum(weight_matrix(m).numel() for m in all_prunable(run.model).values())
+            prunable = sum(weight_matrix(m).numel() for m in all_prunable(run.session.model).values())
             entry = {"avg_ppl": metrics["avg_ppl"], "bwt": metrics["bwt"], "seconds": time.perf_counter() - started,
                      "bytes_per_weight": {str(s): _step_bytes(out, s) / prunable for s in range(1, 6)}}
             reference = scratch / f"float32-{structure}"

@@ -97,8 +97,8 @@ def one_run(tag: str, overrides: list[str]) -> tuple[dict, Path]:
     eval_tokens = [sum(state.record["eval_tokens"].values()) for state in lineage]
     eval_seconds = [state.record["seconds"] - state.record["prune_seconds"] for state in lineage]
     summary = {
-        "wall_s": round(wall, 2), "device": str(run.device), "dtype": config.dtype,
-        "streaming": run.stream is not None,
+        "wall_s": round(wall, 2), "device": str(run.session.device), "dtype": config.dtype,
+        "streaming": run.session.execution.streamed,
         "prune_s": [round(state.record["prune_seconds"], 3) for state in lineage],
         "step_s": [round(state.record["seconds"], 3) for state in lineage],
         "pass_tokens_per_s": [round(calibration_tokens / state.record["prune_seconds"])

@@ -76,7 +76,7 @@ def _child(config_path: Path, out: Path) -> None:
     record = run.step(0)
     written = sum(file.stat().st_size for file in (out / "steps" / str(record["step"])).rglob("*") if file.is_file())
     print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record,
-                      "streaming": run.stream is not None, "step_bytes_written": written,
+                      "streaming": run.session.execution.streamed, "step_bytes_written": written,
                       "child_peak_mb": _hwm_mb()}))
 
 

@@ -6,7 +6,7 @@ For each model, on one domain (builtin:docs):
   no head) over the calibration batches. The pass's floor is two of them: one
   to collect statistics on the dense block, one to produce the pruned block's
   outputs.
-* **pass**: each method's pruning pass (`ContinualRun.prune`: statistics,
+* **pass**: each method's pruning pass (`copal.lifecycle.prune`: statistics,
   scores, masks, the step's state files) and its ratio to 2 × forward.
 * **evaluation**: `copal.metrics.perplexity` tokens/s against a plain loop over
   the same windows at the same batch size (`model(...).logits`, then
@@ -42,6 +42,11 @@ MODELS = {"reference": "data/models/reference", "smollm2": "data/models/smollm2-
 # (method, regime): each method in the regime it is judged in, and wanda/copal in both.
 PASSES = [("magnitude", "reprune"), ("wanda", "reprune"), ("wanda", "accumulate"), ("copal", "reprune"),
           ("copal", "accumulate"), ("sparsegpt", "reprune")]
+# Ratios between passes the report keeps: name → (numerator, denominator).
+RATIOS = {"copal_over_wanda_reprune": ("copal/reprune", "wanda/reprune"),
+          "copal_over_wanda_accumulate": ("copal/accumulate", "wanda/accumulate"),
+          "sparsegpt_over_wanda": ("sparsegpt/reprune", "wanda/reprune"),
+          "copal_accumulate_over_reprune": ("copal/accumulate", "copal/reprune")}
 
 
 def step_config(model: str, args, **overrides):
@@ -96,23 +101,24 @@ def plain_eval(model, windows, batch_size) -> float:
 
 def measure_passes(model_dir: str, args, scratch: Path) -> dict:
     """Each method's pruning pass (best of --repeats), and the plain decoder forward."""
+    from copal import lifecycle
     from copal.continual import ContinualRun
     from copal.model import load_model
 
     resident, _ = load_model(str(ROOT / model_dir))  # the floor: plain transformers, every block in memory
     results = {}
-    for method, regime in PASSES:
+    for method, regime in (tuple(item.split("/")) for item in args.passes.split(",")):
         run = ContinualRun(step_config(model_dir, args, method=method, regime=regime),
                            scratch / f"{method}-{regime}")
 
         def one_pass():
-            pending = run.start_step(0)
-            run.calibrate(pending)
-            run.prune(pending)
+            pending = lifecycle.start_step(run.session, 0)
+            lifecycle.calibrate(run.session, pending)
+            lifecycle.prune(run.session, pending)
 
         if "forward" not in results:
-            pending = run.start_step(0)
-            run.calibrate(pending)
+            pending = lifecycle.start_step(run.session, 0)
+            lifecycle.calibrate(run.session, pending)
             plain_forward(resident, pending.batches[:1])  # warm-up
             results["forward"] = best_of(args.repeats, plain_forward, resident, pending.batches)
             one_pass()  # warm-up
@@ -123,18 +129,17 @@ def measure_passes(model_dir: str, args, scratch: Path) -> dict:
 
 
 def measure_eval(model_dir: str, args, scratch: Path) -> dict:
-    from copal import metrics
     from copal.continual import ContinualRun
-
     from copal.model import load_model
 
     run = ContinualRun(step_config(model_dir, args), scratch / "eval")  # as a run evaluates (streaming blocks)
     resident, _ = load_model(str(ROOT / model_dir))  # the plain loop's model: every block in memory
-    windows = run.domains.windows(run.domains[0])
-    metrics.perplexity(run.model, windows[:2], run.device, args.eval_batch_size, run.stream)  # warm-up
+    session = run.session
+    windows = session.domains.windows(session.domains[0])
+    session.execution.perplexity(windows[:2], session.device, args.eval_batch_size)  # warm-up
     library, plain = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine
-        library.append(timed(metrics.perplexity, run.model, windows, run.device, args.eval_batch_size, run.stream))
+        library.append(timed(session.execution.perplexity, windows, session.device, args.eval_batch_size))
         plain.append(timed(plain_eval, resident, windows, args.eval_batch_size))
     ppl, tokens = library[0][2]
     library_seconds, plain_seconds = min(r[0] for r in library), min(r[0] for r in plain)
@@ -215,6 +220,8 @@ def main() -> None:
     parser.add_argument("--orchestration-domains", default="builtin:docs,builtin:lexicon")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--passes", default=",".join(f"{method}/{regime}" for method, regime in PASSES),
+                        help="comma list of method/regime passes to time")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: pass,eval,orchestration")
     args = parser.parse_args()
 
@@ -243,10 +250,9 @@ def main() -> None:
                 entry["passes"] = {key: value | {"ratio_to_floor": value["seconds"] / (2 * forward["seconds"]),
                                                  "cpu_ratio_to_floor": value["cpu_seconds"] / (2 * forward["cpu_seconds"])}
                                    for key, value in passes.items()}
-                for regime in ("reprune", "accumulate"):
-                    entry[f"copal_over_wanda_{regime}"] = (passes[f"copal/{regime}"]["seconds"]
-                                                           / passes[f"wanda/{regime}"]["seconds"])
-                entry["sparsegpt_over_wanda"] = passes["sparsegpt/reprune"]["seconds"] / passes["wanda/reprune"]["seconds"]
+                for key, (slow, fast) in RATIOS.items():
+                    if slow in passes and fast in passes:
+                        entry[key] = passes[slow]["seconds"] / passes[fast]["seconds"]
             save(report, args, name, entry)
             if "eval" not in skip:
                 entry["evaluation"] = measure_eval(model_dir, args, scratch)

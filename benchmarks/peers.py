@@ -11,7 +11,7 @@ transformers older than the project's); this script runs in the project's
    pruning call only (process CPU seconds, wall seconds) with the process's
    peak RSS (VmHWM: imports and model load included) and the peak from the
    start of the call:
-   * copal: a one-domain reprune step (`ContinualRun.start_step/calibrate/
+   * copal: a one-domain reprune step (`copal.lifecycle.start_step/calibrate/
      prune`) on builtin:docs with the same nsamples/seqlen/seed (it checks its
      batches are the windows in the file); SparseGPT in both unstructured
      scopes (`mask_scope: row`, copal's default, and `layer`, per 128-column
@@ -122,6 +122,7 @@ def copal_child(spec: dict) -> None:
     import torch
 
     import copal.continual as continual
+    from copal import lifecycle
     from copal.config import build_config
     from copal.export import export_step
     from copal.allocator import limit_allocator_fragmentation
@@ -143,9 +144,9 @@ def copal_child(spec: dict) -> None:
     peak_before = status_mb("VmHWM")
     reset_peak()
     cpu, wall = time.process_time(), time.perf_counter()
-    pending = run.start_step(0)
-    run.calibrate(pending)
-    run.prune(pending)
+    pending = lifecycle.start_step(run.session, 0)
+    lifecycle.calibrate(run.session, pending)
+    lifecycle.prune(run.session, pending)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     prune_peak = status_mb("VmHWM")
     fed = torch.cat(pending.batches).tolist()
@@ -159,7 +160,7 @@ def copal_child(spec: dict) -> None:
     shutil.rmtree(out, ignore_errors=True)
     # the model streams its blocks (its skeleton holds no weights): record the step and
     # export it, as `copal export` does
-    run.finish_step(pending, run.evaluate(pending))
+    lifecycle.finish_step(run.session, pending, run.evaluator.evaluate(pending))
     export_step(run_dir, pending.step_id, out)
     Path(spec["result"]).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result), flush=True)

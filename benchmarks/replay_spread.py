@@ -49,7 +49,8 @@ ContinualRun(build_config(json.loads(sys.argv[1])), Path(sys.argv[2])).run()
 REPLAY = """
 import json, sys
 from pathlib import Path
-from copal.continual import ContinualRun, RunDir
+from copal.continual import ContinualRun
+from copal.rundir import RunDir
 config, _ = RunDir(Path(sys.argv[1])).read_config()
 result = ContinualRun(config, Path(sys.argv[1]), readonly=True).replay(2)
 print(json.dumps({"facts": {k: list(v) for k, v in result.facts.items()}, "threads": result.threads,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from copal.state import CODECS
+from copal.codecs import CODECS
 
 ROOT = Path(__file__).resolve().parent.parent
 

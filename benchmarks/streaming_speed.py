@@ -24,7 +24,7 @@ def one_run(streaming: bool) -> dict:
     with tempfile.TemporaryDirectory() as root:
         wall, cpu = time.perf_counter(), time.process_time()
         run = ContinualRun(config, Path(root), streaming=streaming)
-        run.dense_ppl()
+        run.evaluator.dense_ppl()
         steps = [run.step(0), run.step(1)]
         return {"streaming": streaming, "wall_seconds": time.perf_counter() - wall,
                 "cpu_seconds": time.process_time() - cpu,

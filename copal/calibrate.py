@@ -4,75 +4,34 @@
 then for each block: load its base weights, run it with hooks that accumulate
 the method's statistic, ask the step policy for masks, apply them, and run the
 block again to produce the (pruned) inputs of the next block. Only one block,
-its activations and its statistics sit on the compute device at a time; with
-a `copal.streaming.BlockStream` only one block's weights are in memory at all.
+its activations and its statistics sit on the compute device at a time; the
+blocks come from a `copal.blocks.BlockSource`, so with a streamed model
+(copal.streaming.BlockStream) only one block's weights are in memory at all.
 
 What "base weights", "which statistic" and "forced pruning" mean at a given
 step is the regime's business: the pass asks a `LayerPolicy` for each layer.
 """
 
-import logging
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
+from copal.blocks import BlockSource, capture_block_inputs, run_block
 from copal.methods import LayerInput, Statistic
-from copal.model import find_blocks, move_non_block_tensors, prunable_linears, set_weight_matrix, weight_matrix
-
-log = logging.getLogger(__name__)
-
+from copal.model import prunable_linears, set_weight_matrix, weight_matrix
 
 class LayerPolicy(Protocol):
     def base_weight(self, name: str) -> torch.Tensor:
         """The weight (out, in) this step starts from."""
 
-    def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
-        """Mask the layer given this step's fresh statistic; return the new weight."""
+    def prune_layers(self, names: list[str], bases: list[torch.Tensor],
+                     fresh: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Mask layers that read one input (or a single layer) given this step's fresh
+        statistics; return their new weights."""
 
     def finish_block(self, index: int) -> None:
         """Every layer of block `index` is pruned."""
-
-
-class _StopForward(Exception):
-    pass
-
-
-def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device):
-    """Run the model up to block 0 for each batch; return [(args, kwargs)] of block 0's calls."""
-    _, blocks = find_blocks(model)
-    captured = []
-
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    move_non_block_tensors(model, blocks, device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-        move_non_block_tensors(model, blocks, torch.device("cpu"))
-    if len(captured) != len(batches):
-        raise RuntimeError("the model's forward did not reach its first decoder block")
-    return captured
-
-
-def _run_block(block: nn.Module, inputs) -> list:
-    """Run a block on every captured batch; return the next block's inputs."""
-    outputs = []
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            outputs.append(((hidden,) + tuple(args[1:]), kwargs))
-    return outputs
 
 
 class BlockStatistics:
@@ -121,41 +80,49 @@ class BlockStatistics:
         self._last = None
 
 
+def input_groups(names: list[str], shares: dict[str, str]) -> list[list[str]]:
+    """The layers in order, consecutive ones that share an input-only statistic
+    (`BlockStatistics.shares_with`: q/k/v, gate/up) grouped together."""
+    groups: list[list[str]] = []
+    for name in names:
+        owner = shares.get(name, name)
+        if groups and shares.get(groups[-1][0], groups[-1][0]) == owner:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 def prune_layerwise(model: nn.Module, batches: list[torch.Tensor], statistic: type[Statistic] | None,
-                    policy: LayerPolicy, device: torch.device,
-                    progress: Callable[[int, int], None] | None = None, stream=None) -> None:
-    """Prune `model` in place, block by block (see module docstring). With a
-    `stream` (copal.streaming.BlockStream) each block's parameters are read from
-    disk when its turn comes and released after it; the pruned weights then
-    live only in what the policy records."""
-    prefix, blocks = find_blocks(model)
+                    policy: LayerPolicy, device: torch.device, blocks: BlockSource,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """Prune `model` in place, block by block (see module docstring). A streamed
+    block's pruned weights live only in what the policy records once it is released."""
     inputs = capture_block_inputs(model, batches, device) if statistic else None
-    for index in range(len(blocks)):
-        block = stream.load(index, device, prunable=False) if stream is not None else blocks[index]
-        linears = {f"{prefix}.{index}.{name}": module for name, module in prunable_linears(block).items()}
+    for index in range(len(blocks.blocks)):
+        block = blocks.load(index, device, prunable=False)
+        linears = {f"{blocks.prefix}.{index}.{name}": module for name, module in prunable_linears(block).items()}
         bases = {}
         for name, module in linears.items():
             bases[name] = policy.base_weight(name)
             set_weight_matrix(module, bases[name])
-        block.to(device)
-        fresh = {}
+        fresh, shares = {}, {}
         if statistic:
             stats = BlockStatistics(linears, statistic, device)
             try:
-                _run_block(block, inputs)
+                run_block(block, inputs)
             finally:
                 stats.close()
-            fresh = stats.values()
+            fresh, shares = stats.values(), stats.shares_with
             del stats
-        for name, module in linears.items():
-            set_weight_matrix(module, policy.prune_layer(name, bases[name], fresh.get(name)))
+        for group in input_groups(list(linears), shares):
+            weights = policy.prune_layers(group, [bases[name] for name in group], [fresh.get(name) for name in group])
+            for name, weight in zip(group, weights):
+                set_weight_matrix(linears[name], weight)
         del fresh, bases
         policy.finish_block(index)
-        if statistic and index + 1 < len(blocks):
-            inputs = _run_block(block, inputs)
-        if stream is not None:
-            stream.release(index)
-        else:
-            block.to("cpu")
+        if statistic and index + 1 < len(blocks.blocks):
+            inputs, _ = run_block(block, inputs)
+        blocks.release(index)
         if progress:
-            progress(index + 1, len(blocks))
+            progress(index + 1, len(blocks.blocks))

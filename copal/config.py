@@ -73,7 +73,7 @@ class SparseGPTOptions(_Strict):
 
 
 class StateOptions(_Strict):
-    """How a step stores the accumulate regime's statistic (copal.state.CODECS):
+    """How a step stores the accumulate regime's statistic (copal.codecs.CODECS):
     `log6L` (default), C ≈ row × column × one of 6 levels per weight (8/3 bits),
     with the bit-packed mask ≈ 0.235× the fp16 bytes of the prunable weights;
     `log8`/`log4`/`log3` the same with 2^8/16/8 levels; `bfloat16`; `float32`

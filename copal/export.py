@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 from copal.atomic import check_target
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from copal.errors import InputError
 from copal.rundir import check_trust
 from copal.model import DenseWeights, all_prunable, load_model, set_weight_matrix

@@ -268,7 +268,7 @@ def default_jobs(peak_mb: float, available_mb: float, cores: int) -> int:
 def shared_dense(out_dir: Path, cells: list[Cell], base: RunConfig, fingerprints: dict[str, str]) -> dict | None:
     """The dense PPL row a cell of this grid has already measured, if one was
     measured with this model, dtype, evaluation setting and data."""
-    from copal.continual import RunDir
+    from copal.rundir import RunDir
     from copal.state import read_json
 
     for cell in cells:
@@ -342,7 +342,7 @@ def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir:
     measure=False reports what is recorded and measures nothing (None: not even the dense model's)."""
     if not tasks.names:
         return None
-    from copal.continual import RunDir
+    from copal.rundir import RunDir
     from copal.export import load_step_model
     from copal.model import load_model
 

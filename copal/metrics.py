@@ -13,45 +13,35 @@ from torch import nn
 _LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8,
-               stream=None) -> tuple[float, int]:
-    """exp(mean NLL) over every predicted token of the windows → (ppl, predicted tokens).
-
-    Each window of `seqlen` tokens predicts its tokens 2..seqlen from the ones
-    before (no context crosses windows). Batches shrink so that their logits
-    stay within a fixed memory budget whatever the vocabulary size.
-
-    With a `stream` (copal.streaming.BlockStream) the blocks are read from disk
-    one at a time and run over a chunk of windows each (the same batches, so
-    the same arithmetic); otherwise the resident model runs batch by batch."""
+def logits_batch_size(model: nn.Module, windows: torch.Tensor, batch_size: int) -> int:
+    """`batch_size` shrunk so that a batch's logits stay within a fixed memory budget whatever the vocabulary."""
     vocab = model.get_output_embeddings().weight.shape[0]
     per_window = windows.shape[1] * vocab * 4
-    batch_size = max(1, min(batch_size, _LOGITS_BUDGET_BYTES // per_window))
-    total_nll, total_tokens = 0.0, 0
-    if stream is not None:
-        from copal.streaming import chunk_windows, streamed_logits
+    return max(1, min(batch_size, _LOGITS_BUDGET_BYTES // per_window))
 
-        chunk = chunk_windows(model, windows, batch_size, stream.dtype)
-        for start in range(0, len(windows), chunk):
-            batches = list(windows[start : start + chunk].split(batch_size))
-            for batch, logits in streamed_logits(model, stream, batches, device):
-                total_nll = _add_nll(total_nll, logits, batch)
-                total_tokens += batch[:, 1:].numel()
-                del logits
-        return math.exp(total_nll / total_tokens), total_tokens
+
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> tuple[float, int]:
+    """exp(mean NLL) over every predicted token of the windows → (ppl, predicted tokens),
+    the model resident and run batch by batch (copal.streaming.streamed_perplexity: the
+    same arithmetic with its blocks streamed).
+
+    Each window of `seqlen` tokens predicts its tokens 2..seqlen from the ones
+    before (no context crosses windows)."""
+    batch_size = logits_batch_size(model, windows, batch_size)
+    total_nll, total_tokens = 0.0, 0
     model.to(device)
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            total_nll = _add_nll(total_nll, logits, batch)
+            total_nll = add_nll(total_nll, logits, batch)
             total_tokens += batch[:, 1:].numel()
             del logits
     model.to("cpu")
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def _add_nll(total: float, logits: torch.Tensor, batch: torch.Tensor) -> float:
+def add_nll(total: float, logits: torch.Tensor, batch: torch.Tensor) -> float:
     """`total` plus the NLL of each row of a batch, row by row (no copy of the whole batch's logits)."""
     for row in range(len(batch)):
         total += float(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum"))

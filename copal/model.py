@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from copal.checkpoint import checkpoint_index, read_header
 from copal.errors import EnvironmentFault, InputError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ def _check_model_dir(path: Path) -> None:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise InputError(f"{path}: only pickle weights (*.bin); copal loads safetensors only")
         raise InputError(f"{path}: no model weights (*.safetensors)")
-    from copal.streaming import read_header
-
     for file in sorted(path.glob("*.safetensors")):  # headers only: a truncated shard fails here, in seconds
         read_header(file)
 
@@ -230,7 +229,8 @@ class DenseWeights:
         self._modules = all_prunable(model)
         self._files: dict[str, Path] = {}
         self._copies: dict[str, torch.Tensor] = {}
-        index = self._safetensors_index(Path(location))
+        folder = Path(location)
+        index = {key: entry[0] for key, entry in checkpoint_index(folder).items()} if folder.is_dir() else {}
         for name, module in self._modules.items():
             key = f"{name}.weight"
             if key in index:
@@ -239,18 +239,6 @@ class DenseWeights:
                 self._copies[name] = weight_matrix(module).detach().clone()
         if self._copies:
             log.info("keeping an in-memory copy of %d dense weight(s)", len(self._copies))
-
-    @staticmethod
-    def _safetensors_index(path: Path) -> dict[str, Path]:
-        from safetensors import safe_open
-
-        index = {}
-        if path.is_dir():
-            for file in sorted(path.glob("*.safetensors")):
-                with safe_open(str(file), "pt") as handle:
-                    for key in handle.keys():
-                        index[key] = file
-        return index
 
     def get(self, name: str) -> torch.Tensor:
         """W0 of one layer as (out, in), in the model's dtype, on the CPU."""

@@ -19,7 +19,8 @@ import torch
 
 from copal.methods import Method
 from copal.model import DenseWeights
-from copal.state import CODECS, StepState, StepWriter
+from copal.codecs import CODECS
+from copal.state import StepState, StepWriter
 
 T = TypeVar("T")
 

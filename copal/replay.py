@@ -13,6 +13,9 @@ docs/RESULTS.md "Replay across machines (issue 21)").
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from copal.state import StepState
 
 MIN_LAYER_AGREEMENT = 0.99
 MAX_PPL_CHANGE = 0.01
@@ -84,3 +87,66 @@ class ReplayResult:
             head = (f"step {self.step}: outside tolerance in another environment ({facts}): "
                     "the step is not reproduced")
         return [head, *evidence, tolerance]
+
+
+def replay_step(session, step_id: int) -> ReplayResult:
+    """Recompute a recorded step of `session` (copal.session.RunSession) from its parent
+    and data, under its recorded thread count and tokenization; compare its masks with
+    the record, layer by layer, its other files (state, weights) byte for byte, and
+    where masks differ its own-domain PPL."""
+    import tempfile
+
+    from copal import lifecycle
+    from copal.digests import tree_digests
+    from copal.environment import differences, environment
+    from copal.errors import InputError
+    from copal.model import torch_threads
+    from copal.tokens import TextStart
+
+    state = session.dir.step(step_id)
+    state.verify()
+    index = [d.name for d in session.domains].index(state.record["domain"])
+    domain = session.domains[index]
+    if domain.fingerprint != state.record["fingerprint"]:
+        raise InputError(f"{domain.source.spec}: data changed since step {step_id} "
+                         f"(fingerprint {domain.fingerprint}, recorded {state.record['fingerprint']})")
+    recorded_files = state.record.get("files") or tree_digests(state.folder)
+    session.use_start(TextStart.from_record(state.record.get("tokenization")))
+    recorded_env = state.record.get("environment")
+    threads = recorded_env["threads"] if recorded_env else None
+    facts = differences(recorded_env, environment(session.device, session.config.dtype))
+    result = ReplayResult(step_id, threads, facts, {}, domain=state.record["domain"])
+    with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
+        step = lifecycle.start_step(session, index, parent_id=state.record["parent"], steps_dir=Path(scratch))
+        lifecycle.calibrate(session, step)
+        lifecycle.prune(session, step)
+        result.agreement = _mask_agreement(step.writer, state)
+        replayed = step.writer.commit({"step": step.step_id, "parent": state.record["parent"],
+                                       "domain": state.record["domain"], "ppl": {}})
+        files = StepState(replayed).record["files"]
+        result.files = [name for name in sorted(set(files) | set(recorded_files)) if name != "masks.safetensors"
+                        and files.get(name) != recorded_files.get(name)]
+        if result.differing and state.record["domain"] in state.record.get("ppl", {}):
+            ppl, _ = session.execution.perplexity(session.domains.windows(domain), session.device,
+                                                  session.config.evaluation.batch_size)
+            result.ppl = (state.record["ppl"][state.record["domain"]], ppl)
+    head = session.dir.step(session.dir.head()) if session.dir.head() else None
+    if head is not None:  # evaluations after this one see HEAD's weights again, not the replay's
+        session.execution.holds_step(lambda name: head.weight(name, session.execution.dense))
+    return result
+
+
+def _mask_agreement(writer, state) -> dict[str, float]:
+    """Per layer: the share of the replayed mask's bits equal to the recorded mask's (0 where one lacks the layer)."""
+    from copal import masks as maskio
+
+    recorded = {name: state.mask(name) for name in state.mask_names()}
+    agreement = {}
+    for name in dict.fromkeys([*writer.packed_masks, *recorded]):
+        packed = writer.packed_masks.get(name)
+        if packed is None or name not in recorded:
+            agreement[name] = 0.0
+            continue
+        mask = maskio.unpack(packed, recorded[name].shape)
+        agreement[name] = float((mask == recorded[name]).double().mean())
+    return agreement

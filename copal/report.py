@@ -15,7 +15,7 @@ from pathlib import Path
 from copal import metrics, plots
 from copal.atomic import write_atomic
 from copal.config import RunConfig
-from copal.continual import RunDir, summarize
+from copal.rundir import RunDir, summarize
 from copal.errors import InputError
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from copal.blocks import BlockSource
 from copal.calibrate import prune_layerwise
 from copal.masks import Structure, check_fits
 from copal.methods import Method
@@ -79,13 +80,47 @@ class StepPolicy:
     def base_weight(self, name: str) -> torch.Tensor:
         return self.regime.base_weight(name, self.dense, self.parent)
 
+    def prune_layers(self, names: list[str], bases: list[torch.Tensor],
+                     fresh: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Layers that read one input (copal.calibrate.input_groups). Where the method
+        prunes rows independently (`Method.stacks_rows`) and the layers' statistics are
+        equal, they are pruned as one matrix, their rows stacked: the same arithmetic
+        per row, one pass of the method's loop instead of one per layer."""
+        stacked = (len(names) > 1 and self.method.stacks_rows and self.precomputed is None
+                   and self.structure.scope != "layer")
+        if not stacked:
+            return [self.prune_layer(name, base, stat) for name, base, stat in zip(names, bases, fresh)]
+        for name, base in zip(names, bases):
+            check_fits(self.structure, name, tuple(base.shape))
+        stats = [self.regime.statistic(name, stat, self.method, self.parent, self.writer)
+                 for name, stat in zip(names, fresh)]
+        forced = [self.regime.forced_prune(name, self.parent) for name in names]
+        if not all(stat is stats[0] or torch.equal(stat, stats[0]) for stat in stats[1:]):
+            return [self._apply(*layer) for layer in zip(names, bases, stats, forced)]
+        rows = [base.shape[0] for base in bases]
+        both = None if all(f is None for f in forced) else torch.cat(
+            [f if f is not None else torch.zeros_like(b, dtype=torch.bool) for f, b in zip(forced, bases)])
+        mask, weight = self.method.prune(torch.cat(bases), stats[0], self.structure, both, layer=names[0])
+        masks = mask.split(rows)
+        # clones: a step's files must not hold views of one storage
+        weights = [part.clone() for part in weight.split(rows)] if weight is not None else [None] * len(names)
+        return [self._record(*layer) for layer in zip(names, bases, masks, weights)]
+
     def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
         check_fits(self.structure, name, tuple(base.shape))
         if self.precomputed is not None:
             fresh = self.precomputed.pop(name).to(self.device)
         stat = self.regime.statistic(name, fresh, self.method, self.parent, self.writer)
-        forced = self.regime.forced_prune(name, self.parent)
+        return self._apply(name, base, stat, self.regime.forced_prune(name, self.parent))
+
+    def _apply(self, name: str, base: torch.Tensor, stat: torch.Tensor | None,
+               forced: torch.Tensor | None) -> torch.Tensor:
         mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name)
+        return self._record(name, base, mask, new_weight)
+
+    def _record(self, name: str, base: torch.Tensor, mask: torch.Tensor,
+                new_weight: torch.Tensor | None) -> torch.Tensor:
+        """The layer's mask and new weight into the step's writer; the weight it ends with."""
         if new_weight is not None:
             new_weight = new_weight.to(base.dtype)
             self.writer.weights.add(name, new_weight)
@@ -101,12 +136,12 @@ class StepPolicy:
 
 def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, regime: Regime,
                structure: Structure, dense: DenseWeights, parent: StepState | None, writer: StepWriter,
-               device: torch.device, progress: Callable[[int, int], None] | None = None, stream=None) -> None:
+               device: torch.device, blocks: BlockSource, progress: Callable[[int, int], None] | None = None) -> None:
     """Prune `model` in place for one step: calibration `batches` (the regime chose
-    their domains), `parent` the step it continues from (None: the first).
-    `stream`: the model's blocks are streamed (copal.streaming); a method with a
-    whole-model statistic needs the resident model."""
-    if method.whole_model and stream is not None:
+    their domains), `parent` the step it continues from (None: the first), the
+    model's `blocks` resident or streamed (copal.blocks); a method with a
+    whole-model statistic needs them resident."""
+    if method.whole_model and blocks.streamed:
         raise ValueError(f"{type(method).__name__}: a whole-model statistic needs the resident model, not a stream")
     policy = StepPolicy(method, regime, structure, dense, parent, writer, device)
     if method.whole_model:  # its statistic sees the whole model with the step's base weights
@@ -114,4 +149,4 @@ def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, re
         for name, module in modules.items():
             set_weight_matrix(module, policy.base_weight(name))
         policy.precomputed = method.model_statistic(model, batches, device, list(modules))
-    prune_layerwise(model, batches, method.statistic, policy, device, progress, stream)
+    prune_layerwise(model, batches, method.statistic, policy, device, blocks, progress)

@@ -18,10 +18,8 @@ hidden × element size) stay within `HIDDEN_BUDGET_BYTES`; at most two copies
 reads every block once; a typical evaluation is one chunk.
 """
 
-import json
 import logging
 import math
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -29,56 +27,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from copal.blocks import capture_block_inputs, run_block
+from copal.checkpoint import checkpoint_index, stored_dtype
 from copal.errors import InputError
-from copal.model import find_blocks, prunable_linears, set_weight_matrix
+from copal.metrics import add_nll, logits_batch_size
+from copal.model import DTYPES, find_blocks, load_model, move_non_block_tensors, prunable_linears, set_weight_matrix
 
 log = logging.getLogger(__name__)
 
 HIDDEN_BUDGET_BYTES = 256 * 2**20
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
 WeightSource = Callable[[str], torch.Tensor]
-
-
-def read_header(file: Path) -> dict:
-    """A safetensors file's header, checked against the file's size: a truncated
-    or corrupt file is an InputError naming it, before anything reads its tensors."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as stream:
-            prefix = stream.read(8)
-            if len(prefix) < 8:
-                raise ValueError("shorter than a header")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > size - 8:
-                raise ValueError(f"header of {length} bytes in a file of {size}")
-            header = json.loads(stream.read(length))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        if 8 + length + end != size:
-            raise ValueError(f"{size} bytes, the header describes {8 + length + end}: truncated")
-        return header
-    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
-        raise InputError(f"{file}: corrupt weights file ({error})") from None
-
-
-def checkpoint_index(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
-    """Tensor name → (file, safetensors dtype, shape) over every *.safetensors file of a model directory."""
-    index = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        for key, entry in read_header(file).items():
-            if key != "__metadata__":
-                index[key] = (file, entry["dtype"], tuple(entry["shape"]))
-    return index
-
-
-def stored_dtype(index) -> torch.dtype | None:
-    """The floating dtype most of the checkpoint's values are stored in."""
-    counts: dict[str, int] = {}
-    for _, dtype, shape in index.values():
-        if dtype in _SAFETENSORS_DTYPES:
-            counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
-    return _SAFETENSORS_DTYPES[max(counts, key=counts.get)] if counts else None
 
 
 def block_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
@@ -113,10 +72,13 @@ def streamable(model: nn.Module, index) -> str | None:
 
 
 class BlockStream:
-    """Loads and releases one decoder block's parameters at a time.
+    """Loads and releases one decoder block's parameters at a time (a copal.blocks.BlockSource).
 
     `weights`: where an evaluated block's prunable weights come from (name →
-    (out, in) tensor); None means the checkpoint's own (the dense model)."""
+    (out, in) tensor); None means the checkpoint's own (the dense model). Set
+    it with `use_weights`."""
+
+    streamed = True
 
     def __init__(self, model: nn.Module, location: str, dtype: torch.dtype, index=None):
         self.model = model
@@ -130,6 +92,10 @@ class BlockStream:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def use_weights(self, source: WeightSource | None) -> None:
+        """Evaluate with the prunable weights `source` gives from now on (None: the checkpoint's, W0)."""
+        self.weights = source
 
     def load(self, index: int, device: torch.device, prunable: bool = True) -> nn.Module:
         """Block `index` with its parameters on `device` in the compute dtype. With
@@ -191,8 +157,6 @@ def load_streaming(location: str, dtype: torch.dtype, trust_remote_code: bool = 
     tensors under other names than the model's, a block tensor tied outside)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from copal.model import load_model
-
     folder = Path(location)
     if not folder.is_dir():
         return None
@@ -216,8 +180,6 @@ def load_streaming(location: str, dtype: torch.dtype, trust_remote_code: bool = 
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from copal.model import DTYPES
-
     return next((name for name, value in DTYPES.items() if value == dtype), "float32")
 
 
@@ -235,18 +197,6 @@ def _cast_non_block(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype)
 
 
 # ---------------------------------------------------------------------------- evaluation
-
-
-def _run_block(block: nn.Module, inputs) -> tuple[list, bool]:
-    """The block on every captured batch (as copal.calibrate._run_block); whether it returns a tuple."""
-    outputs, as_tuple = [], False
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            as_tuple = isinstance(out, tuple)
-            hidden = out[0] if as_tuple else out
-            outputs.append(((hidden,) + tuple(args[1:]), kwargs))
-    return outputs, as_tuple
 
 
 @contextmanager
@@ -279,7 +229,7 @@ def run_blocks(stream: BlockStream, inputs, device: torch.device) -> tuple[list,
     for index in range(len(stream)):
         block = stream.load(index, device)
         try:
-            inputs, as_tuple = _run_block(block, inputs)
+            inputs, as_tuple = run_block(block, inputs)
         finally:
             stream.release(index)
     return inputs, as_tuple
@@ -287,9 +237,6 @@ def run_blocks(stream: BlockStream, inputs, device: torch.device) -> tuple[list,
 
 def streamed_logits(model: nn.Module, stream: BlockStream, batches: list[torch.Tensor], device: torch.device):
     """Yield (batch, logits) for each batch, the blocks streamed once over all of them."""
-    from copal.calibrate import capture_block_inputs
-    from copal.model import move_non_block_tensors
-
     inputs = capture_block_inputs(model, batches, device)
     outputs, as_tuple = run_blocks(stream, inputs, device)
     finals = [args[0] for args, _ in outputs]
@@ -309,3 +256,19 @@ def chunk_windows(model: nn.Module, windows: torch.Tensor, batch_size: int, dtyp
     hidden = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
     per_window = windows.shape[1] * hidden * torch.empty((), dtype=dtype).element_size()
     return max(1, HIDDEN_BUDGET_BYTES // (per_window * batch_size)) * batch_size
+
+
+def streamed_perplexity(model: nn.Module, stream: BlockStream, windows: torch.Tensor, device: torch.device,
+                        batch_size: int = 8) -> tuple[float, int]:
+    """copal.metrics.perplexity with the blocks read from disk one at a time, each run
+    over a chunk of windows (the same batches, so the same arithmetic)."""
+    batch_size = logits_batch_size(model, windows, batch_size)
+    total_nll, total_tokens = 0.0, 0
+    chunk = chunk_windows(model, windows, batch_size, stream.dtype)
+    for start in range(0, len(windows), chunk):
+        batches = list(windows[start : start + chunk].split(batch_size))
+        for batch, logits in streamed_logits(model, stream, batches, device):
+            total_nll = add_nll(total_nll, logits, batch)
+            total_tokens += batch[:, 1:].numel()
+            del logits
+    return math.exp(total_nll / total_tokens), total_tokens

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from copal.continual import RunDir, summarize
+from copal.rundir import RunDir, summarize
 from tasks.snapshot import revisions
 from tasks.tracking import Tracker
 

@@ -240,7 +240,8 @@ def step(
     """One more continual step on a new domain, continuing from HEAD.
 
     This is what a scheduled job calls."""
-    from copal.continual import RunDir, preflight, summarize
+    from copal.continual import preflight
+    from copal.rundir import RunDir, summarize
     from copal.rundir import check_trust
 
     _setup_logging(False)
@@ -273,7 +274,8 @@ def replay(
     cannot be pinned (torch, BLAS, CPU kernels, device), if every layer's mask and the
     step's PPL agree with the record within the stated tolerance; 1 otherwise; 2 if the recorded files fail
     their digests. Changes nothing on disk."""
-    from copal.continual import ContinualRun, RunDir
+    from copal.continual import ContinualRun
+    from copal.rundir import RunDir
     from copal.rundir import check_trust
 
     _setup_logging(False)
@@ -305,7 +307,7 @@ def rollback(
     """Make an earlier step the head of the run again.
 
     Later steps stay in the history; the next step continues from this one."""
-    from copal.continual import RunDir, summarize
+    from copal.rundir import RunDir, summarize
     from copal.state import write_json
 
     _setup_logging(False)
@@ -384,7 +386,7 @@ def serve(
     Each tick takes the next domain of the queue (then the config's pending
     domains). Needs a Prefect server: `prefect server start`, and
     PREFECT_API_URL pointing at it."""
-    from copal.continual import RunDir
+    from copal.rundir import RunDir
 
     _setup_logging(False)
     from copal.rundir import check_trust

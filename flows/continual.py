@@ -17,7 +17,10 @@ from typing import Callable
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, get_run_logger
 
-from copal.continual import ContinualRun, RunDir
+from copal import lifecycle
+from copal.evaluator import Evaluator
+from copal.rundir import RunDir
+from copal.session import RunSession
 from copal.errors import InputError
 from tasks import steps
 from tasks.snapshot import revisions
@@ -31,25 +34,26 @@ log = logging.getLogger("copal")
 Progress = Callable[[str, int, int], None]
 
 
-def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
-    pending = steps.calibrate(run, domain_index)
+def _step(session: RunSession, evaluator: Evaluator, tracker: Tracker, domain_index: int,
+          publishing: list) -> dict:
+    step = steps.calibrate(session, domain_index)
     try:
-        steps.prune(run, pending)
-        evaluation = steps.evaluate(run, pending)
-        record = steps.record(run, pending, evaluation)
+        steps.prune(session, step)
+        evaluation = steps.evaluate(evaluator, step)
+        record = steps.record(session, step, evaluation)
     except BaseException:
-        pending.writer.discard()  # no .partial left behind
+        step.writer.discard()  # no .partial left behind
         raise
-    publishing.append(_publish(run, tracker, record["step"], after=publishing[-1:]))
+    publishing.append(_publish(session, tracker, record["step"], after=publishing[-1:]))
     return record
 
 
-def _publish(run: ContinualRun, tracker: Tracker, step_id: int, after: list = ()):
+def _publish(session: RunSession, tracker: Tracker, step_id: int, after: list = ()):
     """Track the step in MLflow, then snapshot it with DVC, in the background: the
     next step computes meanwhile. Steps publish in order (each waits for `after`);
     the future of the snapshot is returned, for `_finish_publishing`."""
-    tracked = steps.track.submit(tracker, run, step_id, wait_for=list(after))
-    return steps.snapshot.submit(run, step_id, wait_for=[tracked])
+    tracked = steps.track.submit(tracker, session, step_id, wait_for=list(after))
+    return steps.snapshot.submit(session, step_id, wait_for=[tracked])
 
 
 def _finish_publishing(publishing: list) -> None:
@@ -59,13 +63,13 @@ def _finish_publishing(publishing: list) -> None:
         future.result()
 
 
-def _catch_up(run: ContinualRun, tracker: Tracker, publishing: list) -> None:
+def _catch_up(session: RunSession, tracker: Tracker, publishing: list) -> None:
     """Track/snapshot steps a crash recorded on disk but not in MLflow/DVC."""
-    snapshotted = revisions(run.dir)
-    for state in run.dir.lineage():
+    snapshotted = revisions(session.dir)
+    for state in session.dir.lineage():
         if str(state.id) not in tracker.steps() or str(state.id) not in snapshotted:
             get_run_logger().info("step %d was recorded but not published; publishing it now", state.id)
-            publishing.append(_publish(run, tracker, state.id, after=publishing[-1:]))
+            publishing.append(_publish(session, tracker, state.id, after=publishing[-1:]))
 
 
 @flow(name="copal-run")
@@ -73,13 +77,19 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
                    progress: Progress | None = None) -> dict:
     """Every pending domain of the config, one step each (holding the run directory's lock)."""
     with RunDir(out).lock():
-        run = steps.open_run(config, out, progress, data_dir)
-        tracker = Tracker(run.dir, tracking_uri)
-        tracker.ensure_parent(run.config)
-        steps.dense_eval(run)
+        session = steps.open_run(config, out, progress, data_dir)
+        evaluator = Evaluator(session)
+        tracker = Tracker(session.dir, tracking_uri)
+        tracker.ensure_parent(session.config)
+        steps.dense_eval(evaluator)
         publishing = []
-        _catch_up(run, tracker, publishing)
-        metrics = run.run(step=lambda index: _step(run, tracker, index, publishing))
+        _catch_up(session, tracker, publishing)
+        for state in session.dir.lineage():
+            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record["domain"])
+        for index in lifecycle.remaining(session):
+            log.info("step on domain %d/%d: %s", index + 1, len(session.domains), session.domains[index].name)
+            _step(session, evaluator, tracker, index, publishing)
+        metrics = lifecycle.write_metrics(session)
         _finish_publishing(publishing)
         tracker.finish_parent()
     return metrics
@@ -92,14 +102,15 @@ def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_di
     directory = RunDir(run_dir).require()
     with directory.lock():
         config, _ = directory.read_config()
-        run = steps.open_run(config, run_dir, progress, data_dir)
-        tracker = Tracker(run.dir, tracking_uri)
-        tracker.ensure_parent(run.config)
+        session = steps.open_run(config, run_dir, progress, data_dir)
+        evaluator = Evaluator(session)
+        tracker = Tracker(session.dir, tracking_uri)
+        tracker.ensure_parent(session.config)
         publishing = []
-        _catch_up(run, tracker, publishing)
-        index = steps.ingest(run, data)
-        steps.dense_eval(run)
-        record = _step(run, tracker, index, publishing)
+        _catch_up(session, tracker, publishing)
+        index = steps.ingest(session, data)
+        steps.dense_eval(evaluator)
+        record = _step(session, evaluator, tracker, index, publishing)
         _finish_publishing(publishing)
         tracker.finish_parent()
     return record

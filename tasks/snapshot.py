@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from copal.atomic import exclusive_lock
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from copal.state import read_json, write_json
 
 log = logging.getLogger("copal")

@@ -7,7 +7,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from copal.continual import ContinualRun, PendingStep
+from copal import lifecycle
+from copal.evaluator import Evaluator
+from copal.lifecycle import PendingStep
+from copal.session import RunSession
 from copal.errors import InputError
 from tasks.snapshot import record_revision, snapshot_step
 from tasks.tracking import Tracker
@@ -29,64 +32,64 @@ _local = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="open-run", **_local)
-def open_run(config, out: Path, progress=None, data_dir: Path | None = None) -> ContinualRun:
+def open_run(config, out: Path, progress=None, data_dir: Path | None = None) -> RunSession:
     """Load the model, ingest every configured domain into Arrow, validate the run directory."""
-    return ContinualRun(config, out, progress=progress, data_dir=data_dir)
+    return RunSession(config, out, progress=progress, data_dir=data_dir)
 
 
 @task(name="ingest", **_local)
-def ingest(run: ContinualRun, spec: str) -> int:
+def ingest(session: RunSession, spec: str) -> int:
     """Ingest one more domain into Arrow (a no-op for one the run has); its index."""
-    return run.domain_index(spec)
+    return session.domain_index(spec)
 
 
 @task(name="dense-eval", **_local)
-def dense_eval(run: ContinualRun) -> dict:
-    return run.dense_ppl()
+def dense_eval(evaluator: Evaluator) -> dict:
+    return evaluator.dense_ppl()
 
 
 @task(name="calibrate", **_local)
-def calibrate(run: ContinualRun, domain_index: int) -> PendingStep:
+def calibrate(session: RunSession, domain_index: int) -> PendingStep:
     """Open the step and draw its calibration sequences."""
-    pending = run.start_step(domain_index)
-    run.calibrate(pending)
-    return pending
+    step = lifecycle.start_step(session, domain_index)
+    lifecycle.calibrate(session, step)
+    return step
 
 
 @task(name="sensitivity-and-masks", **_local)
-def prune(run: ContinualRun, pending: PendingStep) -> None:
+def prune(session: RunSession, step: PendingStep) -> None:
     """Update the sensitivity state and apply masks, block by block."""
-    run.prune(pending)
+    lifecycle.prune(session, step)
 
 
 @task(name="evaluate", **_local)
-def evaluate(run: ContinualRun, pending: PendingStep) -> dict:
-    return run.evaluate(pending)
+def evaluate(evaluator: Evaluator, step: PendingStep) -> dict:
+    return evaluator.evaluate(step)
 
 
 @task(name="record", **_local)
-def record(run: ContinualRun, pending: PendingStep, evaluation: dict) -> dict:
+def record(session: RunSession, step: PendingStep, evaluation: dict) -> dict:
     """Write the step directory whole and make it HEAD."""
-    return run.finish_step(pending, evaluation)
+    return lifecycle.finish_step(session, step, evaluation)
 
 
 @task(name="track-mlflow", retries=3, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_input,
       **_local)
-def track(tracker: Tracker, run: ContinualRun, step_id: int) -> dict:
+def track(tracker: Tracker, session: RunSession, step_id: int) -> dict:
     from copal.plots import ppl_heatmap
 
-    from copal.continual import summarize
+    from copal.rundir import summarize
 
-    metrics = summarize(run.dir, run.config, head=step_id)  # the matrix as of this step, whatever ran since
+    metrics = summarize(session.dir, session.config, head=step_id)  # the matrix as of this step, whatever ran since
     rows = ["dense"] + [f"{step['step']}: {step['domain']}" for step in metrics["steps"]]
     plot = ppl_heatmap([metrics["dense_ppl"]] + metrics["ppl"], rows, metrics["domains"], "perplexity after each step")
-    return tracker.record_step(run.dir.step(step_id), metrics, run.config, plot)
+    return tracker.record_step(session.dir.step(step_id), metrics, session.config, plot)
 
 
 @task(name="snapshot-dvc", retries=3, retry_delay_seconds=3, retry_condition_fn=_retry_unless_bad_input,
       **_local)
-def snapshot(run: ContinualRun, step_id: int) -> str | None:
+def snapshot(session: RunSession, step_id: int) -> str | None:
     """Version the step directory with DVC; its revision is kept in RUN_DIR/snapshots.json."""
-    revision = snapshot_step(run.dir.step(step_id).folder)
-    record_revision(run.dir, step_id, revision)
+    revision = snapshot_step(session.dir.step(step_id).folder)
+    record_revision(session.dir, step_id, revision)
     return revision

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from copal.atomic import exclusive_lock
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from copal.errors import InputError
 from copal.model import weights_fingerprint
 from copal.paths import state_home

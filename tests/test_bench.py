@@ -11,7 +11,7 @@ from conftest import TINY_TASK, assert_one_line_error, small_config
 from copal import bench_report as report, grid as bench, plots
 from copal.config import METHODS, REGIMES, build_config
 from copal.paths import PROJECT_ROOT
-from copal.continual import ContinualRun
+from copal.evaluator import Evaluator
 from flows import bench as flow
 from flows.cli import app
 
@@ -226,19 +226,20 @@ def test_cost_cells_run_alone_first_and_every_cell_shares_one_dense_row(tmp_path
     base = bench.quick_config(build_config(_tiny_config(llama_dir, corpus_dir)))
     cells = [bench.Cell("wanda", "sequential"), bench.Cell("copal", "accumulate"), bench.Cell("magnitude", "reprune")]
     order, measured = [], []
-    real_run_cell, real_dense = flow.run_cell, ContinualRun.dense_ppl
+    real_run_cell, real_dense = flow.run_cell, Evaluator.dense_ppl
 
     def run_cell(config, root, data_dir, threads, progress=None, known_dense=None):
         order.append((config.name, known_dense is not None))
         real_run_cell(config, root, data_dir, threads, progress, known_dense)
 
-    def dense_ppl(run):
-        before = run.dir.dense_path.exists() or set(run.known_dense) >= {d.name for d in run.domains}
+    def dense_ppl(evaluator):
+        session = evaluator.session
+        before = session.dir.dense_path.exists() or set(evaluator.known_dense) >= {d.name for d in session.domains}
         measured.append(not before)
-        return real_dense(run)
+        return real_dense(evaluator)
 
     monkeypatch.setattr(flow, "run_cell", run_cell)
-    monkeypatch.setattr(ContinualRun, "dense_ppl", dense_ppl)
+    monkeypatch.setattr(Evaluator, "dense_ppl", dense_ppl)
     alone = bench.cost_cells(cells)
     assert alone == [bench.Cell("magnitude", "reprune"), bench.Cell("copal", "accumulate")]
     assert run_grid(base, cells, tmp_path / "out", jobs=1, data_dir=tmp_path / "arrow") == {}

@@ -15,7 +15,8 @@ from copal.config import build_config
 from copal.errors import InputError
 from copal.methods import Copal, Wanda
 from copal.regimes import REGIMES
-from copal.state import CODECS, FORMAT_KEY, LogCodec, StepState, StepWriter, _level_of, _pack_codes, _unpack_codes
+from copal.codecs import CODECS, FORMAT_KEY, LogCodec, _level_of, _pack_codes, _unpack_codes
+from copal.state import StepState, StepWriter
 
 
 def _statistic(rows=96, cols=80, seed=0) -> torch.Tensor:

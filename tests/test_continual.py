@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import small_config, without_timings
 from copal.config import build_config
-from copal.continual import ContinualRun, RunDir
+from copal.continual import ContinualRun
+from copal.rundir import RunDir
 from copal.export import load_step_model
 from copal.model import all_prunable, load_model, weight_matrix
 
@@ -145,7 +146,7 @@ def test_reconstruct_variant_keeps_copals_masks_and_replays(tmp_path, data_dir, 
 def test_interrupted_run_resumes_at_first_unrecorded_step(tmp_path, data_dir, llama_dir, corpus_dir):
     config = build_config(small_config(llama_dir, corpus_dir))
     run = ContinualRun(config, tmp_path / "run")
-    run.dense_ppl()
+    run.evaluator.dense_ppl()
     run.step(0)
     (tmp_path / "run/steps/.2.partial").mkdir()  # debris of a step that crashed half-way
     step1 = (tmp_path / "run/steps/1/masks.safetensors").stat().st_mtime_ns
@@ -187,10 +188,10 @@ def test_seen_only_evaluation_is_the_lower_triangle_of_the_full_matrix(tmp_path,
 
 def test_known_dense_row_is_recorded_instead_of_measured(tmp_path, data_dir, llama_dir, corpus_dir, monkeypatch):
     config = build_config(small_config(llama_dir, corpus_dir))
-    measured = ContinualRun(config, tmp_path / "a").dense_ppl()
+    measured = ContinualRun(config, tmp_path / "a").evaluator.dense_ppl()
     known = {"alpha": 1.0, "beta": 2.0}  # gamma is not known: it is measured
     run = ContinualRun(config, tmp_path / "b", known_dense=known)
-    assert run.dense_ppl() == {"alpha": 1.0, "beta": 2.0, "gamma": measured["gamma"]}
-    assert json.loads((tmp_path / "b/dense.json").read_text()) == run.dense_ppl()
+    assert run.evaluator.dense_ppl() == {"alpha": 1.0, "beta": 2.0, "gamma": measured["gamma"]}
+    assert json.loads((tmp_path / "b/dense.json").read_text()) == run.evaluator.dense_ppl()
     again = ContinualRun(config, tmp_path / "b", known_dense={"alpha": 9.0})  # recorded values win
-    assert again.dense_ppl()["alpha"] == 1.0
+    assert again.evaluator.dense_ppl()["alpha"] == 1.0

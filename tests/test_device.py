@@ -54,7 +54,7 @@ def test_a_step_on_the_compute_device_mixes_no_devices(tmp_path, data_dir, llama
                                                        method, regime, structure):
     config = _config(llama_dir, corpus_dir, method, regime, structure)
     on_cpu, cpu_metrics = _run(config, tmp_path / "cpu", data_dir)
-    monkeypatch.setattr("copal.continual.resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr("copal.session.resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in")  # the step's record
     mode = FakeCuda()
     with mode:
@@ -86,7 +86,7 @@ def test_the_stand_in_device_catches_a_mix():
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 4099])
 def test_bits_pack_the_same_on_the_compute_device(count):
     from copal.masks import pack
-    from copal.state import _pack_codes
+    from copal.codecs import _pack_codes
 
     bits = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
     codes = {levels: torch.randint(0, levels, (count,), dtype=torch.uint8) for levels in (2, 6, 8, 16, 256)}

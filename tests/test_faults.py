@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import small_config, tree_digest, without_timings
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from flows.cli import app
 
 runner = CliRunner()

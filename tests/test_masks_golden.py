@@ -41,6 +41,7 @@ def _step_digests(model_dir: Path, corpus_dir: Path, data_dir: Path, tmp: Path, 
                   regime: str) -> list[str]:
     """Two steps (domains alpha, beta); the SHA-256 of each step's masks."""
     from copal.config import build_config
+    from copal import lifecycle
     from copal.continual import ContinualRun
 
     kind, sparsity, scope = STRUCTURES[structure]
@@ -51,10 +52,10 @@ def _step_digests(model_dir: Path, corpus_dir: Path, data_dir: Path, tmp: Path, 
     run = ContinualRun(config, tmp / "run", data_dir=data_dir)
     digests = []
     for index in (0, 1):
-        pending = run.start_step(index)
-        run.calibrate(pending)
-        run.prune(pending)
-        run.finish_step(pending, {domain.name: {"ppl": 1.0, "tokens": 0} for domain in run.domains})
+        pending = lifecycle.start_step(run.session, index)
+        lifecycle.calibrate(run.session, pending)
+        lifecycle.prune(run.session, pending)
+        lifecycle.finish_step(run.session, pending, {d.name: {"ppl": 1.0, "tokens": 0} for d in run.session.domains})
         digest = hashlib.sha256()
         for name in sorted(pending.writer.packed_masks):
             digest.update(name.encode() + pending.writer.packed_masks[name].numpy().tobytes())

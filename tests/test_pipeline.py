@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, small_config, tree_digest, without_timings
 from copal.config import build_config
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from copal.export import load_step_model
 from flows.cli import app
 

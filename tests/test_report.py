@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from conftest import small_config
 from copal import metrics, plots
 from copal.config import build_config
-from copal.continual import ContinualRun, RunDir
+from copal.continual import ContinualRun
+from copal.rundir import RunDir
 from copal.errors import InputError
 from copal.report import load_history, write_report
 from flows.cli import app

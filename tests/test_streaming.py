@@ -33,8 +33,8 @@ def _two_steps(model_dir, corpus_dir, data_dir, root, streaming, **overrides):
 
     config = build_config(small_config(model_dir, corpus_dir, **overrides), "test")
     run = ContinualRun(config, root, data_dir=data_dir, streaming=streaming)
-    assert (run.stream is not None) == bool(streaming)
-    dense = run.dense_ppl()
+    assert run.session.execution.streamed == bool(streaming)
+    dense = run.evaluator.dense_ppl()
     steps = []
     for index in (0, 1):
         record = run.step(index)
@@ -100,10 +100,10 @@ def test_only_non_block_tensors_are_resident(tmp_path, llama_dir, corpus_dir, da
     from copal.model import find_blocks
 
     run = ContinualRun(build_config(small_config(llama_dir, corpus_dir), "test"), tmp_path / "run", data_dir=data_dir)
-    assert run.stream is not None  # on by default
-    _, blocks = find_blocks(run.model)
+    assert run.session.execution.streamed  # on by default
+    _, blocks = find_blocks(run.session.model)
     assert all(p.is_meta for p in blocks.parameters())
-    assert not any(p.is_meta for name, p in run.model.named_parameters() if ".layers." not in name)
+    assert not any(p.is_meta for name, p in run.session.model.named_parameters() if ".layers." not in name)
     run.step(0)
     assert all(p.is_meta for p in blocks.parameters())  # released after the pass and the evaluation
 
@@ -115,9 +115,9 @@ def test_chunked_evaluation_equals_one_chunk(tmp_path, llama_dir, corpus_dir, da
     from copal.continual import ContinualRun
 
     run = ContinualRun(build_config(small_config(llama_dir, corpus_dir), "test"), tmp_path / "run", data_dir=data_dir)
-    whole = run.evaluate()
+    whole = run.evaluator.evaluate()
     monkeypatch.setattr(streaming, "HIDDEN_BUDGET_BYTES", 1)
-    assert run.evaluate() == whole
+    assert run.evaluator.evaluate() == whole
 
 
 def test_whole_model_statistic_keeps_the_model_resident(tmp_path, llama_dir, corpus_dir, data_dir):
@@ -125,7 +125,7 @@ def test_whole_model_statistic_keeps_the_model_resident(tmp_path, llama_dir, cor
     from copal.continual import ContinualRun
 
     config = build_config(small_config(llama_dir, corpus_dir, copal={"sensitivity": "loss"}), "test")
-    assert ContinualRun(config, tmp_path / "run", data_dir=data_dir).stream is None
+    assert not ContinualRun(config, tmp_path / "run", data_dir=data_dir).session.execution.streamed
 
 
 def _recorded_digest(root: Path) -> str:

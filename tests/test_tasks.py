@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY_TASK as TINY, assert_one_line_error, read_json, small_config, write_jsonl
-from copal.continual import RunDir
+from copal.rundir import RunDir
 from flows.cli import app
 
 runner = CliRunner()
@@ -114,7 +114,7 @@ def test_run_records_task_accuracies(tiny_task, llama_dir, corpus_dir, tmp_path,
 def test_runs_without_tasks_record_no_task_keys(tmp_path):
     """The default (evaluation.tasks empty) leaves step.json and metrics.json as they were."""
     from copal.config import build_config
-    from copal.continual import summarize
+    from copal.rundir import summarize
 
     config = build_config({"model": "m", "domains": ["builtin:docs"]})
     assert config.evaluation.tasks == [] and config.evaluation.task_limit is None

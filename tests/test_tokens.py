@@ -85,9 +85,10 @@ def test_a_run_records_its_convention_and_environment_and_replays(tmp_path, data
         raw = small_config(model, corpus_dir, domains=[f"text:{corpus_dir / n}.txt" for n in ("alpha", "beta")],
                            method="sparsegpt", calibration={"nsamples": 4}, evaluation={"max_tokens": 512})
         run = ContinualRun(build_config(raw), tmp_path / model.name)
-        assert list(run.domains.start.tokens) == prefix
+        assert list(run.session.domains.start.tokens) == prefix
         if prefix:
-            assert all((run.domains.samples(d)[:, 0] == run.tokenizer.bos_token_id).all() for d in run.domains)
+            assert all((run.session.domains.samples(d)[:, 0] == run.session.tokenizer.bos_token_id).all()
+                       for d in run.session.domains)
         run.run()
         record = read_json(tmp_path / model.name / "steps" / "2" / "step.json")
         assert record["tokenization"]["prefix"] == prefix

@@ -82,6 +82,9 @@ class Method:
     # True: `model_statistic` computes the statistic (on the whole model, with the
     # step's base weights in place) before the layer-wise pass.
     whole_model = False
+    # True: each row's mask and weights depend only on that row and the statistic, so
+    # layers that share one statistic (q/k/v) may be pruned as one matrix of stacked rows.
+    stacks_rows = False
 
     @classmethod
     def from_config(cls, config) -> "Method":

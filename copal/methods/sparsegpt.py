@@ -38,6 +38,7 @@ class Hessian(Statistic):
 class SparseGPT(Method):
     name = "sparsegpt"
     statistic = Hessian
+    stacks_rows = True  # per-row masks (unstructured per row, N:M) and a row-wise OBS update
 
     def __init__(self, blocksize: int = 128, dampening: float = 0.01):
         self.blocksize = blocksize
