@@ -125,18 +125,30 @@ def obs_refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, d
 
 def exact_refit(weight: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, chunk_bytes: int = 1 << 28) -> torch.Tensor:
     """Each row's H_KK ŵ_K = (H w0)_K solved directly in float64, rows in chunks of
-    at most `chunk_bytes` of systems: a row's system is M H M + (I − M), which is
-    H_KK on K and the identity on P, with right-hand side M ⊙ (H w0)."""
+    at most `chunk_bytes` of systems. Rows that keep equally many weights (per-row
+    and N:M masks) solve their k × k systems H_KK; otherwise each row solves the
+    in × in system M H M + (I − M) (H_KK on K, the identity on P) with right-hand
+    side M ⊙ (H w0)."""
     rows, cols = weight.shape
     h = damped.double()
-    w0 = weight.double()
-    result = torch.zeros_like(w0)
+    rhs = weight.double() @ h
+    result = torch.zeros(rows, cols, dtype=torch.float64, device=weight.device)
+    counts = keep.sum(1)
+    kept = int(counts[0]) if rows else 0
+    if bool((counts == kept).all()):
+        index = keep.nonzero()[:, 1].reshape(rows, kept)  # each row's kept columns, ascending
+        per_chunk = max(1, chunk_bytes // (8 * max(kept, 1) ** 2))
+        for first in range(0, rows, per_chunk):
+            chunk = index[first:first + per_chunk]
+            systems = h[chunk[:, :, None], chunk[:, None, :]]
+            solved = torch.linalg.solve(systems, rhs[first:first + per_chunk].gather(1, chunk))
+            result[first:first + per_chunk].scatter_(1, chunk, solved)
+        return result.float()
     per_chunk = max(1, chunk_bytes // (8 * cols * cols))
     for first in range(0, rows, per_chunk):
         m = keep[first:first + per_chunk].double()
         systems = m[:, :, None] * h * m[:, None, :] + torch.diag_embed(1 - m)
-        rhs = m * (w0[first:first + per_chunk] @ h)
-        result[first:first + per_chunk] = torch.linalg.solve(systems, rhs)
+        result[first:first + per_chunk] = torch.linalg.solve(systems, m * rhs[first:first + per_chunk])
     return (result * keep).float()
 
 

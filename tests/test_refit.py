@@ -118,3 +118,15 @@ def test_bad_options_are_one_line_errors():
         PCGOptions(preconditioner="ilu")
     with pytest.raises(ValueError, match="warm start"):
         PCGOptions(warm_start="zero")
+
+
+def test_exact_solver_handles_rows_with_unequal_kept_counts():
+    weight, hessian = _layer(seed=6)
+    keep = _masks(weight, hessian)["u50"]
+    keep[0, :] = True
+    keep[1, :] = False
+    keep[2, :3] = False
+    exact = _exact_per_row(weight, hessian, keep)
+    fitted = refit(weight, hessian, keep, "exact", dampening=0.0)
+    assert _relative(fitted, exact) < 1e-6
+    assert torch.equal(fitted[1], torch.zeros(weight.shape[1]))
