@@ -172,28 +172,32 @@ CELLS = [  # (structure, mask, profile, refit)
 ]
 
 
-def owl_for(model, hessians, structure, lam, m):
+def owl_for(model, hessians, structure, lam, m, layer_mean):
     check_structure(structure)
     prefix, blocks = find_blocks(model)
     grouped = {}
     for name, module in all_prunable(model).items():
         block = ".".join(name.split(".")[: len(prefix.split(".")) + 1])
         grouped.setdefault(block, {})[name] = (weight_matrix(module).detach().float(), hessians[name].diagonal())
-    return owl_profile(grouped, structure.sparsity, lam, m)
+    return owl_profile(grouped, structure.sparsity, lam, m, layer_mean)
 
 
 def perplexity_cells(model, dense, hessians, batches, windows, args) -> dict:
     results = {"dense": {domain: metrics.perplexity(model, w, torch.device("cpu"), 8)[0] for domain, w in windows.items()}}
-    print(f"\n### perplexity ({', '.join(windows)}; wanda or SparseGPT masks; OWL λ={args.owl_lambda}, M={args.owl_m})"
+    print(f"\n### perplexity ({', '.join(windows)}; wanda or SparseGPT masks; OWL λ={args.owl_lambda}, M={args.owl_m}"
+          f"{', layer mean' if args.owl_layer_mean else ''})"
           f"\n\n| structure | mask | profile | refit | " + " | ".join(windows) + " | mean | prune s |\n"
           + "|---" * (6 + len(windows)) + "|")
     print("| dense | | | | " + " | ".join(f"{v:.2f}" for v in results["dense"].values())
           + f" | {sum(results['dense'].values()) / len(windows):.2f} | |")
     profiles = {}
+    chosen = set(filter(None, args.cells.split(",")))
     for label, mask, profile_name, refit_name in CELLS:
+        if chosen and f"{label}/{mask}/{profile_name}/{refit_name}" not in chosen:
+            continue
         structure = STRUCTURES[label]
         if profile_name == "owl" and label not in profiles:
-            profiles[label] = owl_for(model, hessians, structure, args.owl_lambda, args.owl_m)
+            profiles[label] = owl_for(model, hessians, structure, args.owl_lambda, args.owl_m, args.owl_layer_mean)
         if profile_name == "owl" and mask == "sparsegpt":
             policy = OWLSparseGPT(dense, profiles[label], REFITS[refit_name])
         else:
@@ -339,6 +343,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--owl-lambda", type=float, default=0.08)
     parser.add_argument("--owl-m", type=float, default=5.0)
+    parser.add_argument("--owl-layer-mean", action="store_true", help="OWL ratios against each layer's own mean")
+    parser.add_argument("--cells", default="", help="comma list of perplexity cells (structure/mask/profile/refit); "
+                        "default all")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads made elementwise ops ~60x slower)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: reconstruction,perplexity,formats")

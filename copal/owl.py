@@ -122,15 +122,27 @@ def integer_counts(wanted: dict[str, float], bounds: dict[str, tuple[int, int]],
 
 
 def owl_profile(blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], target: float,
-                lam: float = 0.08, m: float = 5.0) -> OWLProfile:
+                lam: float = 0.08, m: float = 5.0, layer_mean: bool = False) -> OWLProfile:
     """OWL's allocation for `blocks`: {block: {layer: (weight (out, in), Σx² (in,))}},
     in model order. The layers' counts add up to exactly round(target × all their
     weights); each layer's sparsity is within [target − λ, target + λ] (within one
-    weight of it where λ × its size is under one weight)."""
+    weight of it where λ × its size is under one weight).
+
+    `layer_mean`: a block's ratio is the weight-weighted average of its layers'
+    own ratios (each against its own mean) instead of the paper's one ratio over
+    the block's scores together. Scaling one layer's Σx² then changes nothing,
+    which matters under `accumulate`: each domain's statistic is normalised per
+    layer, so the layers of a block no longer keep the dense model's relative
+    scales."""
     check_options(target, lam, m)
     ratios, shapes, block_of = {}, {}, {}
     for block, layers in blocks.items():
-        ratios[block] = outlier_ratio([wanda_score(weight, energy) for weight, energy in layers.values()], m)
+        scores = [wanda_score(weight, energy) for weight, energy in layers.values()]
+        if layer_mean:
+            sizes = [score.numel() for score in scores]
+            ratios[block] = sum(outlier_ratio([s], m) * n for s, n in zip(scores, sizes)) / sum(sizes)
+        else:
+            ratios[block] = outlier_ratio(scores, m)
         for name, (weight, _) in layers.items():
             shapes[name] = tuple(weight.shape)
             block_of[name] = block

@@ -101,3 +101,11 @@ def test_n_m_and_bad_options_are_input_errors():
         owl_profile(_blocks([0.0, 0.01]), 0.8, lam=0.3)
     with pytest.raises(InputError, match="M -1"):
         owl_profile(_blocks([0.0, 0.01]), 0.5, m=-1)
+
+
+def test_layer_mean_ratios_ignore_each_layer_s_energy_scale():
+    blocks = _blocks([0.0, 0.01, 0.02], seed=5)
+    rescaled = {block: {name: (weight, energy * (1 + 9 * index)) for index, (name, (weight, energy))
+                        in enumerate(layers.items())} for block, layers in blocks.items()}
+    assert owl_profile(blocks, 0.5, layer_mean=True) == owl_profile(rescaled, 0.5, layer_mean=True)
+    assert owl_profile(blocks, 0.5).ratios != owl_profile(rescaled, 0.5).ratios  # the paper's block mean is not
