@@ -1,0 +1,132 @@
+"""copal.refit: the kept weights' refit on a fixed mask against an exact per-row
+least-squares solve, written here independently (one torch.linalg.solve per row
+on its kept sub-Hessian)."""
+
+import pytest
+import torch
+
+from copal.masks import Structure, select_mask
+from copal.refit import PCGOptions, damped_hessian, reconstruction_error, refit
+
+
+def _layer(rows=24, cols=48, tokens=400, seed=0):
+    """W0, H = XᵀX of correlated inputs with uneven scales (as activations are)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=generator) / cols ** 0.5
+    scales = torch.logspace(0, 1, cols)[torch.randperm(cols, generator=generator)]
+    x = (torch.randn(tokens, cols, generator=generator) @ mixing) * scales
+    weight = torch.randn(rows, cols, generator=generator)
+    return weight, x.t() @ x
+
+
+def _masks(weight, hessian):
+    score = weight.abs() * hessian.diagonal().sqrt()
+    return {"u50": select_mask(score, Structure(0.5)), "2:4": select_mask(score, Structure(0.5, (2, 4))),
+            "u70": select_mask(score, Structure(0.7))}
+
+
+def _exact_per_row(weight, hessian, keep):
+    """argmin over ŵ_K of (ŵ − w0)ᵀ H (ŵ − w0), ŵ_P = 0: H_KK ŵ_K = (H w0)_K, row by row, float64."""
+    h, w0 = hessian.double(), weight.double()
+    result = torch.zeros_like(w0)
+    for row in range(w0.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        result[row, kept] = torch.linalg.solve(h[kept][:, kept], (h @ w0[row])[kept])
+    return result
+
+
+def _relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("structure", ["u50", "2:4", "u70"])
+@pytest.mark.parametrize("preconditioner", ["jacobi", "block"])
+@pytest.mark.parametrize("warm_start", ["obs", "masked"])
+def test_pcg_agrees_with_the_exact_per_row_solve(structure, preconditioner, warm_start):
+    weight, hessian = _layer()
+    keep = _masks(weight, hessian)[structure]
+    exact = _exact_per_row(weight, hessian, keep)
+    options = PCGOptions(iterations=200, tolerance=1e-7, preconditioner=preconditioner, block_size=8,
+                         warm_start=warm_start)
+    fitted = refit(weight, hessian, keep, "pcg", dampening=0.0, options=options)
+    assert _relative(fitted, exact) < 1e-4
+    assert torch.equal(fitted[~keep], torch.zeros(int((~keep).sum())))
+    assert _relative(refit(weight, hessian, keep, "exact", dampening=0.0), exact) < 1e-6
+
+
+def test_dampening_is_sparsegpt_s_and_enters_every_solver():
+    weight, hessian = _layer(seed=1)
+    keep = _masks(weight, hessian)["u50"]
+    damped = damped_hessian(hessian, 0.01)
+    assert torch.allclose(damped - hessian, 0.01 * hessian.diagonal().mean() * torch.eye(hessian.shape[0]))
+    exact = _exact_per_row(weight, damped, keep)
+    assert _relative(refit(weight, hessian, keep, "exact", dampening=0.01), exact) < 1e-6
+    pcg = refit(weight, hessian, keep, "pcg", dampening=0.01, options=PCGOptions(iterations=200, tolerance=1e-7))
+    assert _relative(pcg, exact) < 1e-4
+    assert _relative(pcg, _exact_per_row(weight, hessian, keep)) > 1e-4  # the dampening changed the answer
+
+
+@pytest.mark.parametrize("structure", ["u50", "2:4", "u70"])
+def test_pcg_is_no_worse_than_obs_and_obs_no_worse_than_no_refit(structure):
+    weight, hessian = _layer(rows=32, cols=64, seed=2)
+    keep = _masks(weight, hessian)[structure]
+    errors = {}
+    for solver in ("obs", "pcg"):
+        fitted = refit(weight, hessian, keep, solver, dampening=0.01, options=PCGOptions(iterations=10))
+        assert torch.equal(fitted[~keep], torch.zeros(int((~keep).sum())))
+        errors[solver] = reconstruction_error(fitted, hessian, weight)
+    errors["none"] = reconstruction_error(weight * keep, hessian, weight)
+    assert errors["pcg"].sum() <= errors["obs"].sum() < errors["none"].sum()
+    assert bool((errors["pcg"] <= errors["obs"] * (1 + 1e-6)).all())  # row by row too: CG only descends
+
+
+def test_never_firing_inputs_keep_w0_when_kept_and_zero_when_pruned():
+    weight, hessian = _layer(seed=3)
+    hessian[5, :] = hessian[:, 5] = 0
+    keep = _masks(weight, hessian)["2:4"]
+    for solver in ("obs", "pcg", "exact"):
+        fitted = refit(weight, hessian, keep, solver)
+        assert torch.equal(fitted[:, 5], weight[:, 5] * keep[:, 5]), solver
+
+
+def test_refit_is_deterministic_and_float32():
+    weight, hessian = _layer(seed=4)
+    keep = _masks(weight, hessian)["u50"]
+    options = PCGOptions(iterations=15, preconditioner="block", block_size=16)
+    first = refit(weight, hessian, keep, "pcg", options=options)
+    assert first.dtype == torch.float32
+    assert torch.equal(first, refit(weight.clone(), hessian.clone(), keep.clone(), "pcg", options=options))
+
+
+def test_pcg_stops_at_its_tolerance_and_iteration_budget():
+    weight, hessian = _layer(seed=5)
+    keep = _masks(weight, hessian)["u50"]
+    start = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=0, warm_start="masked"))
+    assert torch.equal(start, weight * keep)
+    loose = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=200, tolerance=0.5))
+    tight = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=200, tolerance=1e-7))
+    exact = refit(weight, hessian, keep, "exact")
+    assert _relative(tight, exact) < _relative(loose, exact)
+
+
+def test_bad_options_are_one_line_errors():
+    weight, hessian = _layer()
+    keep = _masks(weight, hessian)["u50"]
+    with pytest.raises(ValueError, match="refit solver 'lsq'"):
+        refit(weight, hessian, keep, "lsq")
+    with pytest.raises(ValueError, match="preconditioner 'ilu'"):
+        PCGOptions(preconditioner="ilu")
+    with pytest.raises(ValueError, match="warm start"):
+        PCGOptions(warm_start="zero")
+
+
+def test_exact_solver_handles_rows_with_unequal_kept_counts():
+    weight, hessian = _layer(seed=6)
+    keep = _masks(weight, hessian)["u50"]
+    keep[0, :] = True
+    keep[1, :] = False
+    keep[2, :3] = False
+    exact = _exact_per_row(weight, hessian, keep)
+    fitted = refit(weight, hessian, keep, "exact", dampening=0.0)
+    assert _relative(fitted, exact) < 1e-6
+    assert torch.equal(fitted[1], torch.zeros(weight.shape[1]))
