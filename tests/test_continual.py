@@ -134,7 +134,7 @@ def test_reconstruct_variant_keeps_copals_masks_and_replays(tmp_path, data_dir, 
     assert all(((~rebuilt[n]).sum(1) == rebuilt[n].shape[1] // 2).all() for n in rebuilt)
     state = RunDir(tmp_path / "rec").step(3)
     dense = {name: weight_matrix(module) for name, module in all_prunable(load_model(str(llama_dir))[0]).items()}
-    changed = [n for n in plain if not torch.equal(state.weight(n, run.dense), dense[n] * plain[n])]
+    changed = [n for n in plain if not torch.equal(state.weight(n, run.session.execution.dense), dense[n] * plain[n])]
     assert changed == list(plain)  # every layer's kept weights were updated
     assert run.replay(3).differing == []
     for bad, needle in (({"reconstruct": True, "sensitivity": "loss"}, "needs sensitivity: output"),
