@@ -26,6 +26,7 @@ from copal.methods import build_method
 from copal.environment import differences, environment
 from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
                          resolve_device, set_weight_matrix, torch_threads)
+from copal.records import RunMetrics, StepRecord
 from copal.regimes import REGIMES
 from copal.replay import ReplayResult
 from copal.rundir import RunDir, reconcile, summarize
@@ -146,7 +147,7 @@ class ContinualRun:
     def seen_domains(self, pending: PendingStep) -> list[Domain]:
         """The domains `pending`'s lineage has stepped on before it, in run order."""
         lineage = self.dir.lineage(pending.parent.id) if pending.parent else []
-        return self.domains.named(state.record["domain"] for state in lineage)
+        return self.domains.named(state.record.domain for state in lineage)
 
     def evaluated_domains(self, pending: PendingStep | None) -> list[Domain]:
         """Every domain of the run, or with `evaluation.domains: seen` only those
@@ -251,26 +252,25 @@ class ContinualRun:
         if self.stream is not None:  # the model is now the step's: W0 ⊙ mask, or its reconstructed weights
             self.stream.weights = _written_weights(pending.writer, self.dense)
 
-    def finish_step(self, pending: PendingStep, evaluation: dict[str, dict]) -> dict:
+    def finish_step(self, pending: PendingStep, evaluation: dict[str, dict]) -> StepRecord:
         """Write the step whole, make it HEAD, refresh metrics.json."""
         domain = self.domains[pending.domain_index]
-        record = {
-            "step": pending.step_id, "parent": pending.parent.id if pending.parent else 0,
-            "index": (pending.parent.record["index"] if pending.parent else 0) + 1,
-            "domain": domain.name, "source": domain.source.spec, "fingerprint": domain.fingerprint,
-            "method": self.config.method, "regime": self.config.regime, "structure": self.config.structure,
-            "sparsity_target": self.config.sparsity, "seed": self.config.calibration.seed,
-            "code_revision": _code_revision(),
-            "tokenization": self.domains.start.record(),
-            "environment": environment(self.device, self.config.dtype),
-            "ppl": {name: result["ppl"] for name, result in evaluation.items()},
-            "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
-            "sparsity": pending.writer.overall_sparsity(), "layer_sparsity": pending.writer.layer_sparsity(),
-            "prune_seconds": pending.prune_seconds, "seconds": time.perf_counter() - pending.started,
-            "peak_rss_mb": pending.memory.peak_mb,
-        }
-        if pending.tasks is not None:
-            record |= pending.tasks
+        record = StepRecord(
+            step=pending.step_id, parent=pending.parent.id if pending.parent else 0,
+            index=(pending.parent.record.index if pending.parent else 0) + 1,
+            domain=domain.name, source=domain.source.spec, fingerprint=domain.fingerprint,
+            method=self.config.method, regime=self.config.regime, structure=self.config.structure,
+            sparsity_target=self.config.sparsity, seed=self.config.calibration.seed,
+            code_revision=_code_revision(),
+            tokenization=self.domains.start.record(),
+            environment=environment(self.device, self.config.dtype),
+            ppl={name: result["ppl"] for name, result in evaluation.items()},
+            eval_tokens={name: result["tokens"] for name, result in evaluation.items()},
+            sparsity=pending.writer.overall_sparsity(), layer_sparsity=pending.writer.layer_sparsity(),
+            prune_seconds=pending.prune_seconds, seconds=time.perf_counter() - pending.started,
+            peak_rss_mb=pending.memory.peak_mb,
+            **(pending.tasks or {}),
+        )
         final = pending.writer.commit(record)
         try:
             self.dir.set_head(pending.step_id)
@@ -281,9 +281,9 @@ class ContinualRun:
             state = StepState(final)
             self.stream.weights = lambda name: state.weight(name, self.dense)
         self.write_metrics()
-        return record
+        return StepState(final).record
 
-    def step(self, domain_index: int) -> dict:
+    def step(self, domain_index: int) -> StepRecord:
         """One whole step on `self.domains[domain_index]`, continuing from HEAD."""
         pending = self.start_step(domain_index)
         try:
@@ -298,15 +298,15 @@ class ContinualRun:
 
     def remaining(self) -> list[int]:
         """Indices of the run's domains that HEAD's lineage has not stepped on yet."""
-        done = {state.record["domain"] for state in self.dir.lineage()}
+        done = {state.record.domain for state in self.dir.lineage()}
         return [index for index, domain in enumerate(self.domains) if domain.name not in done]
 
-    def run(self, step: Callable[[int], dict] | None = None) -> dict:
+    def run(self, step: Callable[[int], StepRecord] | None = None) -> RunMetrics:
         """Step through every pending domain in order; recorded steps are kept as they are."""
         step = step or self.step
         self.dense_ppl()
         for state in self.dir.lineage():
-            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record["domain"])
+            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record.domain)
         for index in self.remaining():
             log.info("step on domain %d/%d: %s", index + 1, len(self.domains), self.domains[index].name)
             step(index)
@@ -323,21 +323,21 @@ class ContinualRun:
         state = self.dir.step(step_id)
         state.verify()
         names = [d.name for d in self.domains]
-        index = names.index(state.record["domain"])
-        if self.domains[index].fingerprint != state.record["fingerprint"]:
+        index = names.index(state.record.domain)
+        if self.domains[index].fingerprint != state.record.fingerprint:
             raise InputError(f"{self.domains[index].source.spec}: data changed since step {step_id} "
-                             f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record['fingerprint']})")
-        recorded_files = state.record.get("files") or tree_digests(state.folder)
-        self._use_start(TextStart.from_record(state.record.get("tokenization")))
-        recorded_env = state.record.get("environment")
+                             f"(fingerprint {self.domains[index].fingerprint}, recorded {state.record.fingerprint})")
+        recorded_files = state.record.files or tree_digests(state.folder)
+        self._use_start(TextStart.from_record(state.record.tokenization))
+        recorded_env = state.record.environment
         threads = recorded_env["threads"] if recorded_env else None
         recorded = {name: state.mask(name) for name in state.mask_names()}
         current = self.stream.weights if self.stream is not None else None
         with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
             result = ReplayResult(step_id, threads, differences(recorded_env, environment(self.device,
                                                                                         self.config.dtype)),
-                                  {}, domain=state.record["domain"])
-            pending = self.start_step(index, parent_id=state.record["parent"], steps_dir=Path(scratch))
+                                  {}, domain=state.record.domain)
+            pending = self.start_step(index, parent_id=state.record.parent, steps_dir=Path(scratch))
             self.calibrate(pending)
             self.prune(pending)
             for name in dict.fromkeys([*pending.writer.packed_masks, *recorded]):
@@ -347,15 +347,15 @@ class ContinualRun:
                     continue
                 mask = maskio.unpack(packed, recorded[name].shape)
                 result.agreement[name] = float((mask == recorded[name]).double().mean())
-            replayed = pending.writer.commit({"step": pending.step_id, "parent": state.record["parent"],
-                                              "domain": state.record["domain"], "ppl": {}})
-            files = StepState(replayed).record["files"]
+            replayed = pending.writer.commit(StepRecord(step=pending.step_id, parent=state.record.parent,
+                                                        domain=state.record.domain, ppl={}))
+            files = StepState(replayed).record.files
             result.files = [name for name in sorted(set(files) | set(recorded_files)) if name != "masks.safetensors"
                             and files.get(name) != recorded_files.get(name)]
-            if result.differing and state.record["domain"] in state.record.get("ppl", {}):
+            if result.differing and state.record.domain in state.record.ppl:
                 ppl, _ = metrics.perplexity(self.model, self.domains.windows(self.domains[index]), self.device,
                                             self.config.evaluation.batch_size, self.stream)
-                result.ppl = (state.record["ppl"][state.record["domain"]], ppl)
+                result.ppl = (state.record.ppl[state.record.domain], ppl)
             if self.stream is not None:
                 self.stream.weights = current
         return result
@@ -369,9 +369,9 @@ class ContinualRun:
             domains.add(domain.source.spec)
         self.domains = domains
 
-    def write_metrics(self) -> dict:
+    def write_metrics(self) -> RunMetrics:
         payload = summarize(self.dir, self.config)
-        write_json(self.dir.metrics_path, payload)
+        write_json(self.dir.metrics_path, payload.as_json())
         return payload
 
 

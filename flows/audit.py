@@ -21,12 +21,12 @@ def history_rows(root: Path) -> list[dict]:
         record = directory.step(step_id).record
         upto = summarize(directory, config, head=step_id)
         rows.append({
-            "step": step_id, "parent": record["parent"], "head": step_id == head,
-            "in_head_lineage": step_id in in_lineage, "domain": record["domain"],
-            "fingerprint": record["fingerprint"], "method": record["method"], "regime": record["regime"],
-            "structure": record["structure"], "sparsity": record["sparsity"],
-            "ppl_own": record["ppl"].get(record["domain"]), "ppl": record["ppl"],
-            "avg_ppl": upto["avg_ppl"], "bwt": upto["bwt"],
+            "step": step_id, "parent": record.parent, "head": step_id == head,
+            "in_head_lineage": step_id in in_lineage, "domain": record.domain,
+            "fingerprint": record.fingerprint, "method": record.method, "regime": record.regime,
+            "structure": record.structure, "sparsity": record.sparsity,
+            "ppl_own": record.ppl.get(record.domain), "ppl": record.ppl,
+            "avg_ppl": upto.avg_ppl, "bwt": upto.bwt,
             "mlflow_run_id": tracked.get(str(step_id), {}).get("run_id"),
             "model_version": tracked.get(str(step_id), {}).get("model_version"),
             "dvc_revision": snapshots.get(str(step_id)),
@@ -46,8 +46,8 @@ def write_dvc_metrics(root: Path, out: Path) -> None:
     directory = RunDir(root).require()
     config, _ = directory.read_config()
     summary = summarize(directory, config)
-    final = dict(zip(summary["domains"], summary["ppl"][-1])) if summary["ppl"] else {}
-    write_atomic(out / "metrics.json", json.dumps({"bwt": summary["bwt"], "avg_ppl": summary["avg_ppl"],
+    final = dict(zip(summary.domains, summary.ppl[-1])) if summary.ppl else {}
+    write_atomic(out / "metrics.json", json.dumps({"bwt": summary.bwt, "avg_ppl": summary.avg_ppl,
                                                    "ppl": final}, indent=1) + "\n")
     rows = [row for row in history_rows(root) if row["in_head_lineage"]]
     table = io.StringIO()

@@ -32,6 +32,7 @@ from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
 from copal.errors import InputError
+from copal.records import BenchAccuracy, BenchSummary
 from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
                         default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
                         shared_dense)
@@ -103,14 +104,16 @@ class GridTracker:
         metrics = cell_metrics(self.out_dir, cell)
         params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
                   "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
-        values = [Metric("avg_ppl", float(metrics["avg_ppl"]), 0, 0)]
-        if metrics.get("bwt") is not None:
-            values.append(Metric("bwt", float(metrics["bwt"]), 0, 0))
-        for domain, ppl in zip(metrics["domains"], metrics["ppl"][-1]):
+        values = [Metric("avg_ppl", float(metrics.avg_ppl), 0, 0)]
+        if metrics.bwt is not None:
+            values.append(Metric("bwt", float(metrics.bwt), 0, 0))
+        for domain, ppl in zip(metrics.domains, metrics.ppl[-1]):
             if ppl is not None:
                 values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
-        for index, step in enumerate(metrics["steps"]):
-            values += [Metric(key, float(step[key]), 0, index) for key in ("seconds", "prune_seconds", "peak_rss_mb")]
+        for index, step in enumerate(metrics.steps):
+            values += [Metric("seconds", float(step.seconds), 0, index),
+                       Metric("prune_seconds", float(step.prune_seconds), 0, index),
+                       Metric("peak_rss_mb", float(step.peak_rss_mb), 0, index)]
         with store_lock(self.uri):
             client = _client(self.uri)
             run = client.create_run(self.state["experiment_id"], run_name=cell.id,
@@ -275,7 +278,7 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
 def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
                   jobs: int | None = None, data_dir: Path | None = None, runner: str = "local",
                   tracking_uri: str | None = None, api=None, progress: Progress | None = None,
-                  report_only: bool = False) -> tuple[dict, list[Path]]:
+                  report_only: bool = False) -> tuple[BenchSummary, list[Path]]:
     """The whole benchmark: run (or resume) the grid's flow on `runner`, then the task
     accuracy of the chosen cells (here), then JSON, Markdown and plots.
 
@@ -321,11 +324,12 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     return summary, written
 
 
-def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool, accuracy: dict | None,
-                  runner: str | None) -> tuple[dict, list[Path]]:
+def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool, accuracy: BenchAccuracy | None,
+                  runner: str | None) -> tuple[BenchSummary, list[Path]]:
     """OUT/benchmark.{json,md} and the plots, from the cells recorded in OUT/cells."""
-    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy, "runner": runner}
+    summary = summarize_grid(base, cells, out_dir).model_copy(update={"quick": quick, "accuracy": accuracy,
+                                                                      "runner": runner})
     images = write_plots(summary, out_dir)
-    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
+    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary.as_json(), indent=1) + "\n"),
                write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
     return summary, written

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from copal.errors import EnvironmentFault, InputError, as_fault
+from copal.records import RunMetrics
 from flows.api import TemporaryApi
 from flows.console import err, next_steps, progress_bar, quiet_prefect
 
@@ -111,23 +112,22 @@ def _setup_logging(verbose: bool) -> None:
         sys.modules["datasets"].disable_progress_bars()
 
 
-def print_summary(metrics: dict) -> None:
+def print_summary(metrics: RunMetrics) -> None:
     """The PPL matrix (dense row first), BWT and average PPL."""
-    table = Table(title=f"{metrics['method']}/{metrics['regime']}, {metrics['structure']}, "
-                        f"sparsity {metrics['sparsity']:g}: perplexity after each step")
+    table = Table(title=f"{metrics.method}/{metrics.regime}, {metrics.structure}, "
+                        f"sparsity {metrics.sparsity:g}: perplexity after each step")
     table.add_column("after")
-    for name in metrics["domains"]:
+    for name in metrics.domains:
         table.add_column(name, justify="right")
     table.add_column("s", justify="right")
     table.add_column("peak MB", justify="right")
     fmt = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
-    table.add_row("dense", *[fmt(v) for v in metrics["dense_ppl"]], "", "")
-    for row, step in zip(metrics["ppl"], metrics["steps"]):
-        table.add_row(f"{step['step']}: {step['domain']}", *[fmt(v) for v in row],
-                      f"{step['seconds']:.1f}", f"{step['peak_rss_mb']:.0f}")
+    table.add_row("dense", *[fmt(v) for v in metrics.dense_ppl], "", "")
+    for row, step in zip(metrics.ppl, metrics.steps):
+        table.add_row(step.label, *[fmt(v) for v in row], f"{step.seconds:.1f}", f"{step.peak_rss_mb:.0f}")
     console = Console()
     console.print(table)
-    console.print(f"BWT {fmt(metrics['bwt'])}   average PPL {fmt(metrics['avg_ppl'])}")
+    console.print(f"BWT {fmt(metrics.bwt)}   average PPL {fmt(metrics.avg_ppl)}")
 
 
 TrackingUri = Annotated[Optional[str], typer.Option(
@@ -224,8 +224,8 @@ def print_runs(finished) -> None:
     table.add_column("BWT", justify="right")
     table.add_column("run directory", overflow="fold")
     for run in finished:
-        metrics = json.loads((run.directory / "metrics.json").read_text())
-        table.add_row(run.name, fmt(metrics["avg_ppl"]), fmt(metrics["bwt"]), str(run.directory))
+        metrics = RunMetrics.model_validate(json.loads((run.directory / "metrics.json").read_text()))
+        table.add_row(run.name, fmt(metrics.avg_ppl), fmt(metrics.bwt), str(run.directory))
     Console(width=max(Console().width, 150)).print(table)
 
 
@@ -281,7 +281,7 @@ def replay(
     config, _ = directory.read_config()
     check_trust(directory, config, trust_remote_code)
     state = directory.step(step)
-    for checked in (state, directory.step(state.record["parent"]) if state.record["parent"] else None):
+    for checked in (state, directory.step(state.record.parent) if state.record.parent else None):
         if checked is not None:  # what replay reads: the step and the state it continued from
             checked.verify()
     with progress_bar() as report:
@@ -317,7 +317,7 @@ def rollback(
             state.verify()
         previous = directory.head()
         directory.set_head(step)
-        write_json(directory.metrics_path, summarize(directory, config))
+        write_json(directory.metrics_path, summarize(directory, config).as_json())
     err.print(f"HEAD: step {previous} → step {step}")
 
 
@@ -592,13 +592,12 @@ def bench(
     table = Table(title="benchmark cells")
     for column in ("cell", "avg PPL", "BWT", "s/step", "peak MB"):
         table.add_column(column, justify="left" if column == "cell" else "right")
-    if summary["dense"]:
-        table.add_row("dense", fmt(summary["dense"]["avg_ppl"]), "-", "-", "-")
-    for cell in summary["cells"]:
-        steps = cell["steps"]
-        table.add_row(cell["id"], fmt(cell["avg_ppl"]), fmt(cell["bwt"]),
-                      f"{sum(s['seconds'] for s in steps) / len(steps):.1f}",
-                      f"{max(s['peak_rss_mb'] for s in steps):.0f}")
+    if summary.dense:
+        table.add_row("dense", fmt(summary.dense.avg_ppl), "-", "-", "-")
+    for cell in summary.cells:
+        steps = cell.steps
+        table.add_row(cell.id, fmt(cell.avg_ppl), fmt(cell.bwt), f"{sum(s.seconds for s in steps) / len(steps):.1f}",
+                      f"{max(s.peak_rss_mb for s in steps):.0f}")
     Console().print(table)
     err.print(f"wrote {', '.join(str(path) for path in written[:2])} and {len(written) - 2} plot(s)")
 

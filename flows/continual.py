@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 
 from copal.continual import ContinualRun, RunDir
 from copal.errors import InputError
+from copal.records import RunMetrics, StepRecord
 from tasks import steps
 from tasks.snapshot import revisions
 from tasks.tracking import Tracker
@@ -31,7 +32,7 @@ log = logging.getLogger("copal")
 Progress = Callable[[str, int, int], None]
 
 
-def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
+def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> StepRecord:
     pending = steps.calibrate(run, domain_index)
     try:
         steps.prune(run, pending)
@@ -40,7 +41,7 @@ def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: li
     except BaseException:
         pending.writer.discard()  # no .partial left behind
         raise
-    publishing.append(_publish(run, tracker, record["step"], after=publishing[-1:]))
+    publishing.append(_publish(run, tracker, record.step, after=publishing[-1:]))
     return record
 
 
@@ -70,7 +71,7 @@ def _catch_up(run: ContinualRun, tracker: Tracker, publishing: list) -> None:
 
 @flow(name="copal-run")
 def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None) -> RunMetrics:
     """Every pending domain of the config, one step each (holding the run directory's lock)."""
     with RunDir(out).lock():
         run = steps.open_run(config, out, progress, data_dir)
@@ -87,7 +88,7 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
 
 @flow(name="copal-step")
 def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None) -> StepRecord:
     """One more step on `data` for an existing run, continuing from its HEAD (holding its lock)."""
     directory = RunDir(run_dir).require()
     with directory.lock():
@@ -113,7 +114,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
 
     directory = RunDir(run_dir).require()
     config, _ = directory.read_config()
-    done = {state.record["domain"] for state in directory.lineage()}
+    done = {state.record.domain for state in directory.lineage()}
     candidates = list(config.domains)
     if queue is not None:
         if not queue.is_dir():
@@ -130,7 +131,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
 
 
 @flow(name="copal-scheduled-step")
-def scheduled_step_flow(run_dir: str, queue: str | None = None, tracking_uri: str | None = None) -> dict | None:
+def scheduled_step_flow(run_dir: str, queue: str | None = None, tracking_uri: str | None = None) -> StepRecord | None:
     """What a schedule triggers: one step on the next domain of the queue."""
     spec = next_in_queue(Path(run_dir), Path(queue) if queue else None)
     if spec is None:

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from copal.continual import ContinualRun, PendingStep
 from copal.errors import InputError
+from copal.records import StepRecord
 from tasks.snapshot import record_revision, snapshot_step
 from tasks.tracking import Tracker
 
@@ -65,7 +66,7 @@ def evaluate(run: ContinualRun, pending: PendingStep) -> dict:
 
 
 @task(name="record", **_local)
-def record(run: ContinualRun, pending: PendingStep, evaluation: dict) -> dict:
+def record(run: ContinualRun, pending: PendingStep, evaluation: dict) -> StepRecord:
     """Write the step directory whole and make it HEAD."""
     return run.finish_step(pending, evaluation)
 
@@ -78,8 +79,8 @@ def track(tracker: Tracker, run: ContinualRun, step_id: int) -> dict:
     from copal.continual import summarize
 
     metrics = summarize(run.dir, run.config, head=step_id)  # the matrix as of this step, whatever ran since
-    rows = ["dense"] + [f"{step['step']}: {step['domain']}" for step in metrics["steps"]]
-    plot = ppl_heatmap([metrics["dense_ppl"]] + metrics["ppl"], rows, metrics["domains"], "perplexity after each step")
+    rows = ["dense"] + [step.label for step in metrics.steps]
+    plot = ppl_heatmap([metrics.dense_ppl] + metrics.ppl, rows, metrics.domains, "perplexity after each step")
     return tracker.record_step(run.dir.step(step_id), metrics, run.config, plot)
 
 

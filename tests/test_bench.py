@@ -66,19 +66,19 @@ def test_finished_cells_are_skipped(grid):
 
 def test_summary_holds_each_cells_recorded_metrics(grid):
     summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"])
-    assert summary["missing"] == []
-    assert [c["id"] for c in summary["cells"]] == ["wanda-reprune-u50", "sparsegpt-reprune-u50",
-                                                   "copal-accumulate-u50"]
-    for cell, entry in zip(grid["cells"], summary["cells"]):
+    assert summary.missing == []
+    assert [c.id for c in summary.cells] == ["wanda-reprune-u50", "sparsegpt-reprune-u50", "copal-accumulate-u50"]
+    for cell, entry in zip(grid["cells"], summary.cells):
         recorded = _metrics(grid, cell)
-        assert entry["method"] == recorded["method"] == cell.method
-        assert entry["regime"] == recorded["regime"] == cell.regime
+        assert entry.method == recorded["method"] == cell.method
+        assert entry.regime == recorded["regime"] == cell.regime
+        as_written = entry.as_json()
         for key in ("domains", "dense_ppl", "ppl", "bwt", "avg_ppl", "steps"):
-            assert entry[key] == recorded[key], key
-        assert len(entry["ppl"]) == 2 and all(s["peak_rss_mb"] > 0 for s in entry["steps"])
+            assert as_written[key] == recorded[key], key
+        assert len(entry.ppl) == 2 and all(s.peak_rss_mb > 0 for s in entry.steps)
     dense = _metrics(grid, grid["cells"][0])["dense_ppl"]
-    assert summary["dense"]["avg_ppl"] == pytest.approx(sum(dense) / len(dense))
-    assert summary["setup"]["calibration"]["nsamples"] == 4
+    assert summary.dense.avg_ppl == pytest.approx(sum(dense) / len(dense))
+    assert summary.setup.calibration["nsamples"] == 4
 
 
 def test_markdown_tables_show_the_recorded_values(grid):
@@ -88,7 +88,7 @@ def test_markdown_tables_show_the_recorded_values(grid):
     for cell in grid["cells"]:
         recorded = _metrics(grid, cell)
         assert f"| {cell.method} | {cell.regime} | {fmt(recorded['avg_ppl'])} | {fmt(recorded['bwt'])} |" in text
-    assert f"| dense | – | {fmt(summary['dense']['avg_ppl'])} | – |" in text
+    assert f"| dense | – | {fmt(summary.dense.avg_ppl)} | – |" in text
     seconds = {c.method: [s["prune_seconds"] for s in _metrics(grid, c)["steps"]] for c in grid["cells"]}
     ratio = (sum(seconds["copal"]) / 2) / (sum(seconds["wanda"]) / 2)
     assert f"copal's pruning time is {ratio:.2f}× wanda's" in text
@@ -316,7 +316,7 @@ def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task)
     before = _mtimes(grid["out"] / "tasks")
     assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"]) == accuracy
     assert _mtimes(grid["out"] / "tasks") == before  # measured once
-    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]) | {"accuracy": accuracy}
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]).model_copy(update={"accuracy": accuracy})
     text = report.write_markdown(summary)
     dense = accuracy["dense"][TINY_TASK]
     assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text

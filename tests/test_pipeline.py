@@ -66,8 +66,8 @@ def test_each_step_is_recorded_in_mlflow(tracked_run):
     by_step = {run.data.tags["copal.step"]: run for run in children}
     record = RunDir(tracked_run / "run").step(3).record
     child = by_step["3"].data
-    assert child.params["domain"] == "gamma" and child.params["fingerprint"] == record["fingerprint"]
-    assert child.metrics["ppl.gamma"] == pytest.approx(record["ppl"]["gamma"])
+    assert child.params["domain"] == "gamma" and child.params["fingerprint"] == record.fingerprint
+    assert child.metrics["ppl.gamma"] == pytest.approx(record.ppl["gamma"])
     assert {"bwt", "avg_ppl", "sparsity", "seconds", "peak_rss_mb"} <= child.metrics.keys()
     artifacts = {a.path for a in client.list_artifacts(by_step["3"].info.run_id)}
     assert {"model", "sensitivity", "ppl_matrix.png"} <= artifacts
@@ -104,7 +104,7 @@ def test_history_replay_rollback_and_continue(tracked_run, llama_dir, corpus_dir
     assert invoke("rollback", "--run", run, "--step", 1).exit_code == 0
     assert RunDir(run).head() == 1 and (run / "steps/3").is_dir()
     assert invoke("step", f"text:{corpus_dir / 'gamma'}.txt", "--run", run).exit_code == 0
-    assert RunDir(run).head() == 4 and RunDir(run).step(4).record["parent"] == 1
+    assert RunDir(run).head() == 4 and RunDir(run).step(4).record.parent == 1
 
     from copal.continual import ContinualRun
 

@@ -38,11 +38,11 @@ def _two_steps(model_dir, corpus_dir, data_dir, root, streaming, **overrides):
     steps = []
     for index in (0, 1):
         record = run.step(index)
-        folder = root / "steps" / str(record["step"])
+        folder = root / "steps" / str(record.step)
         digest = hashlib.sha256()
-        for name in sorted(run.dir.step(record["step"]).mask_names()):
-            digest.update(name.encode() + run.dir.step(record["step"]).mask(name).numpy().tobytes())
-        steps.append({"masks": digest.hexdigest(), "ppl": record["ppl"], "sparsity": record["layer_sparsity"],
+        for name in sorted(run.dir.step(record.step).mask_names()):
+            digest.update(name.encode() + run.dir.step(record.step).mask(name).numpy().tobytes())
+        steps.append({"masks": digest.hexdigest(), "ppl": record.ppl, "sparsity": record.layer_sparsity,
                       "files": tree_digest(folder / "sensitivity") if (folder / "sensitivity").exists() else None})
     return dense, steps
 
