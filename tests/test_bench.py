@@ -11,9 +11,10 @@ from conftest import TINY_TASK, assert_one_line_error, small_config
 from copal import bench_report as report, grid as bench, plots
 from copal.config import METHODS, REGIMES, build_config
 from copal.paths import PROJECT_ROOT
+from copal.records import BenchSummary
 from copal.continual import ContinualRun
 from flows import bench as flow
-from flows.cli import app
+from cli import app
 
 
 def _tiny_config(llama_dir, corpus_dir) -> dict:
@@ -179,11 +180,12 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
         c = bench.Cell(method, regime, structure, sparsity, variant)
         step = {"step": 1, "domain": "a", "seconds": 2.0, "prune_seconds": 1.0, "peak_rss_mb": 100.0}
         return {"id": c.id, "label": c.label, "method": method, "regime": regime, "structure": structure,
-                "sparsity": sparsity, "variant": variant, "avg_ppl": avg, "bwt": bwt, "steps": [step]}
+                "sparsity": sparsity, "variant": variant, "options": {}, "domains": ["a"], "dense_ppl": [5.0],
+                "ppl": [[avg]], "avg_ppl": avg, "bwt": bwt, "steps": [step]}
 
     summary = {"setup": {"model": "m", "domains": ["builtin:a", "builtin:b"],
                          "calibration": {"nsamples": 8, "seqlen": 64, "seed": 0},
-                         "evaluation": {"seqlen": 64, "max_tokens": 512}},
+                         "evaluation": {"seqlen": 64, "max_tokens": 512}, "dtype": "float32"},
                "notes": {"magnitude": bench.MAGNITUDE_NOTE, "variants": bench.VARIANT_NOTES},
                "cost_cells": ["copal-accumulate-u50"],
                "dense": {"domains": ["a", "b"], "ppl": [5.0, 7.0], "avg_ppl": 6.0},
@@ -194,7 +196,7 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                          cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss"),
                          cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="reconstruct")],
                "missing": ["wanda-reprune-u50"]}
-    text = report.write_markdown(summary)
+    text = report.write_markdown(BenchSummary.model_validate(summary))
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
     assert "| dense | – | 6.00 | – | 6.00 | – |" in text
     assert "| magnitude | any¹ |  |  | 99.00 | 0.00 |" in text

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, small_config, tree_digest, without_t
 from copal.config import build_config
 from copal.continual import RunDir
 from copal.export import load_step_model
-from flows.cli import app
+from cli import app
 
 runner = CliRunner()
 
@@ -195,7 +195,7 @@ def test_corrupted_snapshot_is_exit_2_and_changes_nothing(tracked_run, tmp_path,
 
 
 def _cli(args, env, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

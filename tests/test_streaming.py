@@ -168,7 +168,7 @@ def test_truncated_shard_exits_2(tmp_path, tokenizer_dir, corpus_dir, data_dir):
     from conftest import assert_one_line_error
     from copal.config import build_config
     from copal.continual import ContinualRun
-    from flows.cli import app
+    from cli import app
 
     model_dir = _shard(build_model_dir(tmp_path / "m", "llama", tokenizer_dir), max_shard_size="100KB")
     root = tmp_path / "run"

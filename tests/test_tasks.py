@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_TASK as TINY, assert_one_line_error, read_json, small_config, write_jsonl
 from copal.continual import RunDir
-from flows.cli import app
+from cli import app
 
 runner = CliRunner()
 
