@@ -44,7 +44,7 @@ def history(
 
         write_dvc_metrics(run, write)
     if as_json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([row.as_json() for row in rows], indent=1))
         return
     table = Table(title=f"history of {run} (* = in HEAD's lineage)")
     for column in ("step", "parent", "domain", "data", "method", "sparsity", "PPL own", "avg PPL",
@@ -52,11 +52,10 @@ def history(
         table.add_column(column, no_wrap=True)
     fmt = lambda value: "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)  # noqa: E731
     for row in rows:
-        table.add_row(f"{row['step']}{' *' if row['in_head_lineage'] else ''}{' HEAD' if row['head'] else ''}",
-                      str(row["parent"]), row["domain"], row["fingerprint"][:8],
-                      f"{row['method']}/{row['regime']} {row['structure']}", fmt(row["sparsity"]),
-                      fmt(row["ppl_own"]), fmt(row["avg_ppl"]), fmt(row["bwt"]),
-                      (row["mlflow_run_id"] or "-")[:8], (row["dvc_revision"] or "-")[:8])
+        table.add_row(f"{row.step}{' *' if row.in_head_lineage else ''}{' HEAD' if row.head else ''}",
+                      str(row.parent), row.domain, row.fingerprint[:8], f"{row.method}/{row.regime} {row.structure}",
+                      fmt(row.sparsity), fmt(row.ppl_own), fmt(row.avg_ppl), fmt(row.bwt),
+                      (row.mlflow_run_id or "-")[:8], (row.dvc_revision or "-")[:8])
     Console(width=max(Console().width, 150)).print(table)
 
 

@@ -99,6 +99,29 @@ class RunMetrics(_Record):
     dense_tasks: dict[str, dict[str, Any]] | None = None  # only in a run with evaluation.tasks
 
 
+class HistoryRow(_Record):
+    """A row of the audit view (`copal history`, `--json` prints these): a recorded step
+    with its BWT and average PPL along its own lineage, its MLflow run and DVC revision."""
+
+    step: int
+    parent: int
+    head: bool
+    in_head_lineage: bool
+    domain: str
+    fingerprint: str | None
+    method: str | None
+    regime: str | None
+    structure: str | None
+    sparsity: float | None
+    ppl_own: float | None  # on the step's own domain
+    ppl: dict[str, float]
+    avg_ppl: float | None
+    bwt: float | None
+    mlflow_run_id: str | None
+    model_version: str | None
+    dvc_revision: str | None
+
+
 class BenchCell(_Record):
     """A finished cell of the benchmark grid in benchmark.json: its setting and its run's metrics."""
 
