@@ -308,19 +308,19 @@ def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task)
     reports = []
     accuracy = bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"],
                                    progress=lambda *report: reports.append(report))
-    assert set(accuracy["cells"]) == {"wanda-reprune-u50", "copal-accumulate-u50"}
-    for result in [accuracy["dense"], *accuracy["cells"].values()]:
+    assert set(accuracy.cells) == {"wanda-reprune-u50", "copal-accumulate-u50"}
+    for result in [accuracy.dense, *accuracy.cells.values()]:
         assert 0.0 <= result[TINY_TASK]["acc"] <= 1.0 and "acc_stderr" in result[TINY_TASK]
     assert reports[0] == ("task accuracy", 0, 3) and reports[-1] == ("task accuracy", 3, 3)
     # The final model is the pruned one: its accuracy is what copal eval gives for the exported step.
     recorded = json.loads((grid["out"] / "tasks" / "wanda-reprune-u50.json").read_text())
-    assert recorded["tasks"] == accuracy["cells"]["wanda-reprune-u50"] and recorded["setup"]["limit"] == 6
+    assert recorded["tasks"] == accuracy.cells["wanda-reprune-u50"] and recorded["setup"]["limit"] == 6
     before = _mtimes(grid["out"] / "tasks")
     assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"]) == accuracy
     assert _mtimes(grid["out"] / "tasks") == before  # measured once
     summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]).model_copy(update={"accuracy": accuracy})
     text = report.write_markdown(summary)
-    dense = accuracy["dense"][TINY_TASK]
+    dense = accuracy.dense[TINY_TASK]
     assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text
     assert "| wanda/reprune, 50 % unstructured |" in text and "the first 6 items" in text
     assert bench.grid_accuracy(grid["base"], bench.GridTasks(), grid["cells"], grid["out"]) is None

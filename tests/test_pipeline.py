@@ -132,7 +132,7 @@ def test_scheduled_step_takes_the_next_domain_from_the_queue(tmp_path, llama_dir
     (queue / "notes.md").write_text("not a domain")
     first = scheduled_step_flow(str(tmp_path / "run"), str(queue))
     second = scheduled_step_flow(str(tmp_path / "run"), str(queue))
-    assert (first["domain"], second["domain"]) == ("1-beta", "2-delta")
+    assert (first.domain, second.domain) == ("1-beta", "2-delta")
     assert scheduled_step_flow(str(tmp_path / "run"), str(queue)) is None
     assert RunDir(tmp_path / "run").head() == 3
 
