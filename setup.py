@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 SHIPPED = {"copal.shipped.configs": "configs", "copal.shipped.data.models.reference": "data/models/reference"}
 
 setup(
-    packages=find_packages(include=["copal*", "flows*", "tasks*"]) + list(SHIPPED),
+    packages=find_packages(include=["cli*", "copal*", "flows*", "tasks*"]) + list(SHIPPED),
     package_dir=SHIPPED,
     # copal's builtin lm-eval task YAMLs (their items are generated at run time), and the shipped files.
     package_data={"copal.lm_tasks": ["*.yaml"], **{name: ["*"] for name in SHIPPED}},

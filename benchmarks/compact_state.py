@@ -200,7 +200,7 @@ def run_runs(report: dict, formats: list[str], structures: list[str], scratch: P
             run = ContinualRun(config, out)
             metrics = run.run()
             prunable = sum(weight_matrix(m).numel() for m in all_prunable(run.session.model).values())
-            entry = {"avg_ppl": metrics["avg_ppl"], "bwt": metrics["bwt"], "seconds": time.perf_counter() - started,
+            entry = {"avg_ppl": metrics.avg_ppl, "bwt": metrics.bwt, "seconds": time.perf_counter() - started,
                      "bytes_per_weight": {str(s): _step_bytes(out, s) / prunable for s in range(1, 6)}}
             reference = scratch / f"float32-{structure}"
             if fmt != "float32":

@@ -17,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from copal.records import StepRecord
 from memory_step import run_step, save_random_llama, step_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
@@ -26,9 +27,10 @@ def step_cost(folder: Path, method: str, nsamples: int, seqlen: int) -> dict:
     """One step of `method` on folder/model, run (and its data cache) kept in folder/METHOD."""
     run_folder = folder / method
     run_folder.mkdir()
-    record = run_step(run_folder, step_config(folder, method, nsamples, seqlen, seqlen * 4, method))[0]["record"]
-    return {"prune_seconds": round(record["prune_seconds"], 2), "step_seconds": round(record["seconds"], 2),
-            "peak_rss_mb": round(record["peak_rss_mb"], 1)}
+    report = run_step(run_folder, step_config(folder, method, nsamples, seqlen, seqlen * 4, method))[0]
+    record = StepRecord.model_validate(report["record"])
+    return {"prune_seconds": round(record.prune_seconds, 2), "step_seconds": round(record.seconds, 2),
+            "peak_rss_mb": round(record.peak_rss_mb, 1)}
 
 
 def main(argv=None) -> dict:

@@ -29,6 +29,7 @@ from copal.data import evaluation_windows, ingest
 from copal.export import load_step_model
 from copal.methods import Hessian
 from copal.model import all_prunable, load_model, weight_matrix
+from copal.records import RunMetrics
 from copal.rundir import RunDir
 
 
@@ -41,14 +42,14 @@ def _depth(name: str, blocks: int) -> str:
     return ("early", "middle", "late")[min(2, 3 * index // blocks)]
 
 
-def domain_table(cells: dict[str, dict]) -> dict:
+def domain_table(cells: dict[str, RunMetrics]) -> dict:
     """{domain: {cell: {"final": ppl, "forgetting": ppl change since its own step}}}."""
     table = defaultdict(dict)
     for cell_id, metrics in cells.items():
-        order = [step["domain"] for step in metrics["steps"]]
-        final = metrics["ppl"][-1]
-        for column, domain in enumerate(metrics["domains"]):
-            at_step = metrics["ppl"][order.index(domain)][column] if domain in order else None
+        order = [step.domain for step in metrics.steps]
+        final = metrics.ppl[-1]
+        for column, domain in enumerate(metrics.domains):
+            at_step = metrics.ppl[order.index(domain)][column] if domain in order else None
             table[domain][cell_id] = {"final": final[column],
                                       "forgetting": None if at_step is None else final[column] - at_step}
     return dict(table)
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
         root = args.grid / "cells" / cell_id
         run = RunDir(root).require()
         config, _ = run.read_config()
-        metrics[cell_id] = json.loads(run.metrics_path.read_text())
+        metrics[cell_id] = RunMetrics.model_validate(json.loads(run.metrics_path.read_text()))
         model, _ = load_step_model(root, run.head())
         weights[cell_id] = {name: weight_matrix(module).detach() for name, module in all_prunable(model).items()}
         state = run.step(run.head())

@@ -94,18 +94,18 @@ def one_run(tag: str, overrides: list[str]) -> tuple[dict, Path]:
     wall = time.time() - started
     lineage = RunDir(root).lineage()
     calibration_tokens = config.calibration.nsamples * config.calibration.seqlen
-    eval_tokens = [sum(state.record["eval_tokens"].values()) for state in lineage]
-    eval_seconds = [state.record["seconds"] - state.record["prune_seconds"] for state in lineage]
+    records = [state.record for state in lineage]
+    eval_tokens = [sum(record.eval_tokens.values()) for record in records]
+    eval_seconds = [record.seconds - record.prune_seconds for record in records]
     summary = {
         "wall_s": round(wall, 2), "device": str(run.session.device), "dtype": config.dtype,
         "streaming": run.session.execution.streamed,
-        "prune_s": [round(state.record["prune_seconds"], 3) for state in lineage],
-        "step_s": [round(state.record["seconds"], 3) for state in lineage],
-        "pass_tokens_per_s": [round(calibration_tokens / state.record["prune_seconds"])
-                              for state in lineage],
+        "prune_s": [round(record.prune_seconds, 3) for record in records],
+        "step_s": [round(record.seconds, 3) for record in records],
+        "pass_tokens_per_s": [round(calibration_tokens / record.prune_seconds) for record in records],
         "eval_tokens_per_s": [round(tokens / seconds) for tokens, seconds in zip(eval_tokens, eval_seconds)],
-        "sparsity": [round(state.record["sparsity"], 5) for state in lineage],
-        "avg_ppl": metrics["avg_ppl"], "bwt": metrics["bwt"],
+        "sparsity": [round(record.sparsity, 5) for record in records],
+        "avg_ppl": metrics.avg_ppl, "bwt": metrics.bwt,
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if CUDA else None,
     }
     del run

@@ -74,8 +74,8 @@ def _child(config_path: Path, out: Path) -> None:
     run = continual.ContinualRun(load_config(config_path), out)
     after_load = _rss_mb()
     record = run.step(0)
-    written = sum(file.stat().st_size for file in (out / "steps" / str(record["step"])).rglob("*") if file.is_file())
-    print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record,
+    written = sum(file.stat().st_size for file in (out / "steps" / str(record.step)).rglob("*") if file.is_file())
+    print(json.dumps({"after_imports_mb": after_imports, "after_load_mb": after_load, "record": record.as_json(),
                       "streaming": run.session.execution.streamed, "step_bytes_written": written,
                       "child_peak_mb": _hwm_mb()}))
 
@@ -113,12 +113,14 @@ def run_step(folder: Path, config: dict) -> tuple[dict, float]:
 def step_figures(report: dict, process_peak_mb: float, disk_mb: float) -> dict:
     """What a scale benchmark reports of one `run_step`: time, RSS at each stage, its
     ratio to the model's bytes on disk, streaming, and the bytes the step wrote."""
-    step = report["record"]
-    return {"step_seconds": round(step["seconds"], 1), "prune_seconds": round(step["prune_seconds"], 1),
+    from copal.records import StepRecord
+
+    step = StepRecord.model_validate(report["record"])
+    return {"step_seconds": round(step.seconds, 1), "prune_seconds": round(step.prune_seconds, 1),
             "rss_after_imports_mb": round(report["after_imports_mb"], 1),
             "rss_after_load_mb": round(report["after_load_mb"], 1),
-            "step_peak_rss_mb": round(step["peak_rss_mb"], 1), "process_peak_rss_mb": round(process_peak_mb, 1),
-            "step_peak_over_disk": round(step["peak_rss_mb"] / disk_mb, 3),
+            "step_peak_rss_mb": round(step.peak_rss_mb, 1), "process_peak_rss_mb": round(process_peak_mb, 1),
+            "step_peak_over_disk": round(step.peak_rss_mb / disk_mb, 3),
             "process_peak_over_disk": round(process_peak_mb / disk_mb, 3),
             "streaming": report["streaming"], "step_mb_written": round(report["step_bytes_written"] / 2**20, 1)}
 

@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from copal.records import RunMetrics  # noqa: E402
 from flows.local_cluster import dask_cluster, free_port, ray_head, stop  # noqa: E402
 
 CELLS = ["wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
@@ -80,13 +81,14 @@ def run_grid(config: Path, out: Path, runner: str, env: dict) -> float:
     return time.monotonic() - started
 
 
-def cell_metrics(out: Path) -> dict[str, dict]:
-    return {cell: json.loads((out / "cells" / cell / "metrics.json").read_text()) for cell in CELLS}
+def cell_metrics(out: Path) -> dict[str, RunMetrics]:
+    return {cell: RunMetrics.model_validate(json.loads((out / "cells" / cell / "metrics.json").read_text()))
+            for cell in CELLS}
 
 
-def without_timings(metrics: dict) -> dict:
-    steps = [{k: v for k, v in step.items() if k not in TIMING_KEYS} for step in metrics["steps"]]
-    return metrics | {"steps": steps}
+def without_timings(metrics: RunMetrics) -> dict:
+    return metrics.model_copy(update={"steps": [step.model_copy(update=dict.fromkeys(TIMING_KEYS))
+                                                for step in metrics.steps]}).as_json()
 
 
 def main() -> None:
@@ -118,7 +120,7 @@ def main() -> None:
             local = cell_metrics(temp / "local")
             for runner, row in rows.items():
                 metrics = cell_metrics(temp / runner)
-                row["step_seconds"] = sum(step["seconds"] for m in metrics.values() for step in m["steps"])
+                row["step_seconds"] = sum(step.seconds for m in metrics.values() for step in m.steps)
                 row["outside_steps_seconds"] = row["wall_seconds"] - row["step_seconds"]
                 row["identical_to_local"] = all(without_timings(metrics[c]) == without_timings(local[c])
                                                 for c in CELLS)

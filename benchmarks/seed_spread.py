@@ -43,8 +43,8 @@ def main(argv=None) -> dict:
         out = args.grid if seed == base.calibration.seed else args.grid / "seeds" / f"seed{seed}"
         for cell in cells:  # one at a time, in this process (resumes what is recorded)
             bench.run_cell(bench.cell_config(seeded, cell), bench.cell_dir(out, cell), None, None)
-            metrics = json.loads((bench.cell_dir(out, cell) / "metrics.json").read_text())
-            results[cell.id][seed] = {"avg_ppl": metrics["avg_ppl"], "bwt": metrics["bwt"]}
+            metrics = bench.cell_metrics(out, cell)
+            results[cell.id][seed] = {"avg_ppl": metrics.avg_ppl, "bwt": metrics.bwt}
     summary = {}
     for cell_id, per_seed in results.items():
         entry = {"seeds": per_seed}

@@ -28,8 +28,8 @@ def one_run(streaming: bool) -> dict:
         steps = [run.step(0), run.step(1)]
         return {"streaming": streaming, "wall_seconds": time.perf_counter() - wall,
                 "cpu_seconds": time.process_time() - cpu,
-                "step_seconds": [step["seconds"] for step in steps],
-                "prune_seconds": [step["prune_seconds"] for step in steps], "ppl": steps[-1]["ppl"]}
+                "step_seconds": [step.seconds for step in steps],
+                "prune_seconds": [step.prune_seconds for step in steps], "ppl": steps[-1].ppl}
 
 
 def main(argv=None) -> dict:

@@ -14,6 +14,7 @@ from copal.config import RunConfig
 from copal.domains import RunDomains
 from copal.evaluator import Evaluator
 from copal.model import check_architecture, load_tokenizer
+from copal.records import RunMetrics, StepRecord
 from copal.replay import ReplayResult, replay_step
 from copal.rundir import RunDir, reconcile
 from copal.session import Progress, RunSession
@@ -41,13 +42,13 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
         check_tasks(config.evaluation.tasks, config.evaluation.task_include_path)
 
 
-def run_all(session: RunSession, evaluator: Evaluator, step: Callable[[int], dict] | None = None) -> dict:
+def run_all(session: RunSession, evaluator: Evaluator, step: Callable[[int], StepRecord] | None = None) -> RunMetrics:
     """The dense row, then a step on every domain HEAD's lineage has not stepped on, in
     order (recorded steps are kept as they are); metrics.json's payload."""
     step = step or (lambda index: lifecycle.run_step(session, evaluator, index))
     evaluator.dense_ppl()
     for state in session.dir.lineage():
-        log.info("step %d (%s) already recorded; not recomputed", state.id, state.record["domain"])
+        log.info("step %d (%s) already recorded; not recomputed", state.id, state.record.domain)
     for index in lifecycle.remaining(session):
         log.info("step on domain %d/%d: %s", index + 1, len(session.domains), session.domains[index].name)
         step(index)
@@ -68,10 +69,10 @@ class ContinualRun:
     def dir(self) -> RunDir:
         return self.session.dir
 
-    def run(self) -> dict:
+    def run(self) -> RunMetrics:
         return run_all(self.session, self.evaluator)
 
-    def step(self, domain_index: int) -> dict:
+    def step(self, domain_index: int) -> StepRecord:
         return lifecycle.run_step(self.session, self.evaluator, domain_index)
 
     def replay(self, step_id: int) -> ReplayResult:

@@ -1,9 +1,19 @@
 """What a run measures of its model: perplexity on its domains, the lm-eval tasks
 of `evaluation.tasks`, and the dense model's row of the PPL matrix (dense.json)."""
 
+from dataclasses import dataclass
+
 from copal.data import Domain
 from copal.session import RunSession
 from copal.state import read_json, write_json
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """A model's perplexity on one domain's evaluation windows, and the tokens it predicted."""
+
+    ppl: float
+    tokens: int
 
 
 class Evaluator:
@@ -26,19 +36,19 @@ class Evaluator:
         chosen = session.seen_domains(step.parent) + [session.domains[step.domain_index]]
         return [domain for domain in session.domains if domain in chosen]
 
-    def perplexities(self, domains: list[Domain], what: str = "evaluate") -> dict[str, dict]:
-        """{domain: {"ppl", "tokens"}} of the model as it is now."""
+    def perplexities(self, domains: list[Domain], what: str = "evaluate") -> dict[str, Perplexity]:
+        """Each domain's perplexity, of the model as it is now."""
         session = self.session
         results = {}
         for index, domain in enumerate(domains):
             session.progress(what, index, len(domains))
             ppl, tokens = session.execution.perplexity(session.domains.windows(domain), session.device,
                                                        session.config.evaluation.batch_size)
-            results[domain.name] = {"ppl": ppl, "tokens": tokens}
+            results[domain.name] = Perplexity(ppl, tokens)
         session.progress(what, len(domains), len(domains))
         return results
 
-    def evaluate(self, step=None) -> dict[str, dict]:
+    def evaluate(self, step=None) -> dict[str, Perplexity]:
         """PPL on the domains `evaluated_domains` names; with `evaluation.tasks` the
         lm-eval results go to `step.tasks`."""
         results = self.perplexities(self.evaluated_domains(step))
@@ -72,7 +82,7 @@ class Evaluator:
             session.execution.show_dense()
         if missing:
             measured = self.perplexities(missing, "evaluate dense")
-            recorded |= {name: result["ppl"] for name, result in measured.items()}
+            recorded |= {name: result.ppl for name, result in measured.items()}
         if missing or known:
             write_json(run_dir.dense_path, recorded)
         if tasks_missing:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from copal.config import (BENCH_CONFIG, METHODS, REGIMES, STRUCTURES, RunConfig, build_config,
                           format_validation_error, load_raw)
 from copal.errors import InputError
+from copal.records import BenchAccuracy, RunMetrics, TaskSetup
 
 log = logging.getLogger("copal")
 
@@ -232,16 +233,18 @@ def cell_dir(out_dir: Path, cell: Cell) -> Path:
     return Path(out_dir) / "cells" / cell.id
 
 
-def cell_metrics(out_dir: Path, cell: Cell) -> dict | None:
+def cell_metrics(out_dir: Path, cell: Cell) -> RunMetrics | None:
+    """What the cell's metrics.json holds (None: none yet, or unreadable: the cell runs again)."""
     try:
-        return json.loads((cell_dir(out_dir, cell) / "metrics.json").read_text())
-    except (OSError, ValueError):
+        return RunMetrics.model_validate(json.loads((cell_dir(out_dir, cell) / "metrics.json").read_text()))
+    except (OSError, ValueError):  # a ValidationError is a ValueError
         return None
 
 
 def is_finished(out_dir: Path, cell: Cell, domains: int) -> bool:
     metrics = cell_metrics(out_dir, cell)
-    return bool(metrics) and len(metrics.get("steps", [])) >= domains
+    return metrics is not None and len(metrics.steps) >= domains
+
 
 def available_memory_mb() -> float:
     try:
@@ -256,7 +259,9 @@ def available_memory_mb() -> float:
 
 def measured_peak_mb(out_dir: Path, cells: list[Cell]) -> float | None:
     """The highest per-step peak RSS any of these cells has recorded so far."""
-    peaks = [step["peak_rss_mb"] for cell in cells for step in (cell_metrics(out_dir, cell) or {}).get("steps", [])]
+    recorded = [cell_metrics(out_dir, cell) for cell in cells]
+    peaks = [step.peak_rss_mb for metrics in recorded if metrics for step in metrics.steps
+             if step.peak_rss_mb is not None]
     return max(peaks, default=None)
 
 
@@ -335,9 +340,9 @@ def _accuracy(path: Path, tasks: GridTasks, device: str, load, measure: bool = T
 
 
 def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir: Path,
-                  progress: Progress | None = None, measure: bool = True) -> dict | None:
-    """{"dense": {task: {metric: value}}, "cells": {cell id: …}}: the dense model's and each
-    finished accuracy cell's final model's task accuracies (None: the grid has no tasks).
+                  progress: Progress | None = None, measure: bool = True) -> BenchAccuracy | None:
+    """The dense model's and each finished accuracy cell's final model's task accuracies
+    (None: the grid has no tasks).
     Each is kept in OUT/tasks/<id>.json, so a resumed grid measures only what is missing;
     measure=False reports what is recorded and measures nothing (None: not even the dense model's)."""
     if not tasks.names:
@@ -363,6 +368,6 @@ def grid_accuracy(base: RunConfig, tasks: GridTasks, cells: list[Cell], out_dir:
         if result is not None:
             results[cell.id] = result
     progress("task accuracy", len(chosen) + 1, len(chosen) + 1)
-    return {"tasks": tasks.model_dump(), "dense": dense, "cells": results}
+    return BenchAccuracy(tasks=TaskSetup.model_validate(tasks.model_dump()), dense=dense, cells=results)
 
 

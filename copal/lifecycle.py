@@ -18,8 +18,9 @@ from copal import metrics
 from copal.codecs import CODECS
 from copal.environment import environment
 from copal.errors import EnvironmentFault
-from copal.evaluator import Evaluator
+from copal.evaluator import Evaluator, Perplexity
 from copal.model import all_prunable
+from copal.records import RunMetrics, StepRecord
 from copal.rundir import summarize
 from copal.session import RunSession
 from copal.state import StepState, StepWriter, write_json
@@ -90,31 +91,29 @@ def prune(session: RunSession, step: PendingStep) -> None:
     execution.holds_step(lambda name: step.writer.weight(name, execution.dense))
 
 
-def step_record(session: RunSession, step: PendingStep, evaluation: dict[str, dict]) -> dict:
+def step_record(session: RunSession, step: PendingStep, evaluation: dict[str, Perplexity]) -> StepRecord:
     """What step.json holds (StepWriter.commit adds the files' digests)."""
     config = session.config
     domain = session.domains[step.domain_index]
-    record = {
-        "step": step.step_id, "parent": step.parent.id if step.parent else 0,
-        "index": (step.parent.record["index"] if step.parent else 0) + 1,
-        "domain": domain.name, "source": domain.source.spec, "fingerprint": domain.fingerprint,
-        "method": config.method, "regime": config.regime, "structure": config.structure,
-        "sparsity_target": config.sparsity, "seed": config.calibration.seed,
-        "code_revision": _code_revision(),
-        "tokenization": session.domains.start.record(),
-        "environment": environment(session.device, config.dtype),
-        "ppl": {name: result["ppl"] for name, result in evaluation.items()},
-        "eval_tokens": {name: result["tokens"] for name, result in evaluation.items()},
-        "sparsity": step.writer.overall_sparsity(), "layer_sparsity": step.writer.layer_sparsity(),
-        "prune_seconds": step.prune_seconds, "seconds": time.perf_counter() - step.started,
-        "peak_rss_mb": step.memory.peak_mb,
-    }
-    if step.tasks is not None:
-        record |= step.tasks
-    return record
+    return StepRecord(
+        step=step.step_id, parent=step.parent.id if step.parent else 0,
+        index=(step.parent.record.index if step.parent else 0) + 1,
+        domain=domain.name, source=domain.source.spec, fingerprint=domain.fingerprint,
+        method=config.method, regime=config.regime, structure=config.structure,
+        sparsity_target=config.sparsity, seed=config.calibration.seed,
+        code_revision=_code_revision(),
+        tokenization=session.domains.start.record(),
+        environment=environment(session.device, config.dtype),
+        ppl={name: result.ppl for name, result in evaluation.items()},
+        eval_tokens={name: result.tokens for name, result in evaluation.items()},
+        sparsity=step.writer.overall_sparsity(), layer_sparsity=step.writer.layer_sparsity(),
+        prune_seconds=step.prune_seconds, seconds=time.perf_counter() - step.started,
+        peak_rss_mb=step.memory.peak_mb,
+        **(step.tasks or {}),
+    )
 
 
-def finish_step(session: RunSession, step: PendingStep, evaluation: dict[str, dict]) -> dict:
+def finish_step(session: RunSession, step: PendingStep, evaluation: dict[str, Perplexity]) -> StepRecord:
     """Write the step whole, make it HEAD, refresh metrics.json."""
     record = step_record(session, step, evaluation)
     final = step.writer.commit(record)
@@ -126,10 +125,10 @@ def finish_step(session: RunSession, step: PendingStep, evaluation: dict[str, di
     state = StepState(final)
     session.execution.holds_step(lambda name: state.weight(name, session.execution.dense))
     write_metrics(session)
-    return record
+    return state.record
 
 
-def run_step(session: RunSession, evaluator: Evaluator, domain_index: int) -> dict:
+def run_step(session: RunSession, evaluator: Evaluator, domain_index: int) -> StepRecord:
     """One whole step on `session.domains[domain_index]`, continuing from HEAD."""
     step = start_step(session, domain_index)
     try:
@@ -143,14 +142,14 @@ def run_step(session: RunSession, evaluator: Evaluator, domain_index: int) -> di
 
 def remaining(session: RunSession) -> list[int]:
     """Indices of the run's domains that HEAD's lineage has not stepped on yet."""
-    done = {state.record["domain"] for state in session.dir.lineage()}
+    done = {state.record.domain for state in session.dir.lineage()}
     return [index for index, domain in enumerate(session.domains) if domain.name not in done]
 
 
-def write_metrics(session: RunSession) -> dict:
+def write_metrics(session: RunSession) -> RunMetrics:
     """metrics.json: the PPL matrix and its summaries as of HEAD."""
     payload = summarize(session.dir, session.config)
-    write_json(session.dir.metrics_path, payload)
+    write_json(session.dir.metrics_path, payload.as_json())
     return payload
 
 

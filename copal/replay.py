@@ -15,6 +15,7 @@ docs/RESULTS.md "Replay across machines (issue 21)").
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from copal.records import StepRecord
 from copal.state import StepState
 
 MIN_LAYER_AGREEMENT = 0.99
@@ -105,31 +106,32 @@ def replay_step(session, step_id: int) -> ReplayResult:
 
     state = session.dir.step(step_id)
     state.verify()
-    index = [d.name for d in session.domains].index(state.record["domain"])
+    record = state.record
+    index = [d.name for d in session.domains].index(record.domain)
     domain = session.domains[index]
-    if domain.fingerprint != state.record["fingerprint"]:
+    if domain.fingerprint != record.fingerprint:
         raise InputError(f"{domain.source.spec}: data changed since step {step_id} "
-                         f"(fingerprint {domain.fingerprint}, recorded {state.record['fingerprint']})")
-    recorded_files = state.record.get("files") or tree_digests(state.folder)
-    session.use_start(TextStart.from_record(state.record.get("tokenization")))
-    recorded_env = state.record.get("environment")
+                         f"(fingerprint {domain.fingerprint}, recorded {record.fingerprint})")
+    recorded_files = record.files or tree_digests(state.folder)
+    session.use_start(TextStart.from_record(record.tokenization))
+    recorded_env = record.environment
     threads = recorded_env["threads"] if recorded_env else None
     facts = differences(recorded_env, environment(session.device, session.config.dtype))
-    result = ReplayResult(step_id, threads, facts, {}, domain=state.record["domain"])
+    result = ReplayResult(step_id, threads, facts, {}, domain=record.domain)
     with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
-        step = lifecycle.start_step(session, index, parent_id=state.record["parent"], steps_dir=Path(scratch))
+        step = lifecycle.start_step(session, index, parent_id=record.parent, steps_dir=Path(scratch))
         lifecycle.calibrate(session, step)
         lifecycle.prune(session, step)
         result.agreement = _mask_agreement(step.writer, state)
-        replayed = step.writer.commit({"step": step.step_id, "parent": state.record["parent"],
-                                       "domain": state.record["domain"], "ppl": {}})
-        files = StepState(replayed).record["files"]
+        replayed = step.writer.commit(StepRecord(step=step.step_id, parent=record.parent, domain=record.domain,
+                                                 ppl={}))
+        files = StepState(replayed).record.files
         result.files = [name for name in sorted(set(files) | set(recorded_files)) if name != "masks.safetensors"
                         and files.get(name) != recorded_files.get(name)]
-        if result.differing and state.record["domain"] in state.record.get("ppl", {}):
+        if result.differing and record.domain in record.ppl:
             ppl, _ = session.execution.perplexity(session.domains.windows(domain), session.device,
                                                   session.config.evaluation.batch_size)
-            result.ppl = (state.record["ppl"][state.record["domain"]], ppl)
+            result.ppl = (record.ppl[record.domain], ppl)
     head = session.dir.step(session.dir.head()) if session.dir.head() else None
     if head is not None:  # evaluations after this one see HEAD's weights again, not the replay's
         session.execution.holds_step(lambda name: head.weight(name, session.execution.dense))

@@ -17,6 +17,7 @@ from copal.atomic import write_atomic
 from copal.config import RunConfig
 from copal.rundir import RunDir, summarize
 from copal.errors import InputError
+from copal.records import StepRecord
 
 
 @dataclass
@@ -27,13 +28,13 @@ class History:
     domains: list[str]
     dense: list[float | None]
     matrix: list[list[float | None]]  # one row per step of HEAD's lineage, one column per domain
-    records: list[dict]  # the step.json records of HEAD's lineage, first step first
+    records: list[StepRecord]  # the step.json records of HEAD's lineage, first step first
     off_lineage: list[int]  # recorded steps that HEAD's lineage does not contain (after a rollback)
 
     @property
     def step_columns(self) -> list[int]:
         """The matrix column of each step's own domain (a domain may come back later)."""
-        return [self.domains.index(record["domain"]) for record in self.records]
+        return [self.domains.index(record.domain) for record in self.records]
 
     def bwt_by_step(self) -> list[float | None]:
         """BWT after step t, from the first t rows (undefined after the first step)."""
@@ -43,7 +44,7 @@ class History:
         return [metrics.average_ppl(self.matrix[:t], self.step_columns[:t]) for t in range(1, len(self.matrix) + 1)]
 
     def step_labels(self) -> list[str]:
-        return [f"{record['step']}: {record['domain']}" for record in self.records]
+        return [f"{record.step}: {record.domain}" for record in self.records]
 
 
 def load_history(root: Path) -> History:
@@ -54,8 +55,8 @@ def load_history(root: Path) -> History:
         raise InputError(f"{root}: the run has no recorded steps yet; nothing to report")
     summary = summarize(run_dir, config)
     ids = {state.id for state in lineage}
-    return History(root=Path(root), config=config, head=run_dir.head(), domains=summary["domains"],
-                   dense=summary["dense_ppl"], matrix=summary["ppl"], records=[s.record for s in lineage],
+    return History(root=Path(root), config=config, head=run_dir.head(), domains=summary.domains,
+                   dense=summary.dense_ppl, matrix=summary.ppl, records=[s.record for s in lineage],
                    off_lineage=[i for i in run_dir.step_ids() if i not in ids])
 
 
@@ -71,8 +72,8 @@ def _short_layer_names(names: list[str]) -> list[str]:
 def figures(history: History) -> dict[str, bytes]:
     """The report's plots, by caption."""
     labels = history.step_labels()
-    layers = list(history.records[-1].get("layer_sparsity", {}))
-    layer_rows = [[record.get("layer_sparsity", {}).get(name) for name in layers] for record in history.records]
+    layers = list(history.records[-1].layer_sparsity)
+    layer_rows = [[record.layer_sparsity.get(name) for name in layers] for record in history.records]
     config = history.config
     title = f"{config.method}/{config.regime}, {config.structure}, sparsity {config.sparsity:g}"
     result = {
@@ -113,12 +114,12 @@ def _step_table(history: History) -> str:
             *[f"PPL {name}" for name in history.domains], "BWT", "avg PPL", "seconds", "peak RSS MB"]
     rows = []
     for record, bwt, average in zip(history.records, history.bwt_by_step(), history.average_by_step()):
-        cells = [_cell(record["step"]), _cell(record["domain"], True), _cell(record.get("fingerprint"), True),
-                 _cell(record.get("method"), True), _cell(record.get("regime"), True),
-                 _cell(record.get("structure"), True), _cell(f"{record['sparsity']:.4f}")]
-        cells += [_cell(record["ppl"].get(name)) for name in history.domains]
-        cells += [_cell(bwt), _cell(average), _cell(f"{record['seconds']:.1f}"),
-                  _cell(f"{record['peak_rss_mb']:.0f}")]
+        cells = [_cell(record.step), _cell(record.domain, True), _cell(record.fingerprint, True),
+                 _cell(record.method, True), _cell(record.regime, True),
+                 _cell(record.structure, True), _cell(f"{record.sparsity:.4f}")]
+        cells += [_cell(record.ppl.get(name)) for name in history.domains]
+        cells += [_cell(bwt), _cell(average), _cell(f"{record.seconds:.1f}"),
+                  _cell(f"{record.peak_rss_mb:.0f}")]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     header = "".join(f"<th>{html.escape(name)}</th>" for name in head)
     return f'<table id="steps"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -129,7 +130,7 @@ def render(history: History) -> str:
     config = history.config
     calibration, evaluation = config.calibration, config.evaluation
     bwt, average = history.bwt_by_step()[-1], history.average_by_step()[-1]
-    revisions = sorted({record.get("code_revision", "unknown") for record in history.records})
+    revisions = sorted({record.code_revision or "unknown" for record in history.records})
     facts = {
         "run directory": str(history.root),
         "model": config.model,
@@ -137,7 +138,7 @@ def render(history: History) -> str:
         "structure": f"{config.structure}, target sparsity {config.sparsity:g}",
         "calibration": f"{calibration.nsamples} × {calibration.seqlen} tokens per domain, seed {calibration.seed}",
         "evaluation": f"windows of {evaluation.seqlen} tokens, at most {evaluation.max_tokens} tokens per domain",
-        "HEAD": f"step {history.head}; lineage {' → '.join(str(r['step']) for r in history.records)}",
+        "HEAD": f"step {history.head}; lineage {' → '.join(str(r.step) for r in history.records)}",
         "code revision": ", ".join(revisions),
         "BWT after the last step": plots.format_value(bwt),
         "average PPL after the last step": plots.format_value(average),

@@ -22,6 +22,7 @@ from copal import metrics
 from copal.atomic import check_target, exclusive_lock, lock_holder, write_atomic
 from copal.config import RunConfig, build_config
 from copal.errors import InputError
+from copal.records import RunMetrics, StepRecord, StepSummary
 from copal.state import StepState, read_json
 
 # Keys that may differ between two invocations of the same run: where it computes, and
@@ -139,8 +140,8 @@ class RunDir:
         while step_id:
             state = self.step(step_id)
             chain.append(state)
-            parent = state.record["parent"]
-            if not isinstance(parent, int) or not 0 <= parent < step_id:
+            parent = state.record.parent
+            if not 0 <= parent < step_id:
                 raise InputError(f"{state.folder / 'step.json'}: corrupt parent {parent!r} (a step continues an "
                                  f"earlier one)")
             step_id = parent
@@ -186,26 +187,31 @@ def reconcile(run_dir: RunDir, config: RunConfig) -> tuple[RunConfig, dict[str, 
     return config, {}
 
 
-def summarize(run_dir: RunDir, config: RunConfig, head: int | None = None) -> dict:
+def summarize(run_dir: RunDir, config: RunConfig, head: int | None = None) -> RunMetrics:
     """metrics.json's content, derived from the records of the lineage of `head`
     (default HEAD). Columns: the lineage's domains in step order, then the run's
     other domains."""
     lineage = [state.record for state in run_dir.lineage(head)]
     dense = read_json(run_dir.dense_path, "dense PPLs") if run_dir.dense_path.exists() else {}
-    names = list(dict.fromkeys([record["domain"] for record in lineage] + list(dense)))
-    matrix = [[record["ppl"].get(name) for name in names] for record in lineage]
-    step_columns = [names.index(record["domain"]) for record in lineage]
-    return {
-        "model": config.model, "method": config.method, "regime": config.regime,
-        "structure": config.structure, "sparsity": config.sparsity, "seqlen": config.evaluation.seqlen,
-        "domains": names, "dense_ppl": [dense.get(name) for name in names],
-        "ppl": matrix, "bwt": metrics.bwt(matrix, step_columns),
-        "avg_ppl": metrics.average_ppl(matrix, step_columns),
-        "steps": [{"step": r["step"], "domain": r["domain"], "seconds": r["seconds"],
-                   "prune_seconds": r["prune_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                   "sparsity": r["sparsity"]} | ({"tasks": r.get("tasks")} if config.evaluation.tasks else {})
-                  for r in lineage],
-    } | _dense_tasks(run_dir, config)
+    names = list(dict.fromkeys([record.domain for record in lineage] + list(dense)))
+    matrix = [[record.ppl.get(name) for name in names] for record in lineage]
+    step_columns = [names.index(record.domain) for record in lineage]
+    return RunMetrics(
+        model=config.model, method=config.method, regime=config.regime,
+        structure=config.structure, sparsity=config.sparsity, seqlen=config.evaluation.seqlen,
+        domains=names, dense_ppl=[dense.get(name) for name in names],
+        ppl=matrix, bwt=metrics.bwt(matrix, step_columns),
+        avg_ppl=metrics.average_ppl(matrix, step_columns),
+        steps=[_step_summary(record, bool(config.evaluation.tasks)) for record in lineage],
+        **_dense_tasks(run_dir, config))
+
+
+def _step_summary(record: StepRecord, with_tasks: bool) -> StepSummary:
+    """A step's row in metrics.json's `steps`; its task accuracies only in a run with evaluation.tasks."""
+    summary = StepSummary(step=record.step, domain=record.domain, seconds=record.seconds,
+                          prune_seconds=record.prune_seconds, peak_rss_mb=record.peak_rss_mb,
+                          sparsity=record.sparsity)
+    return summary.model_copy(update={"tasks": record.tasks}) if with_tasks else summary
 
 
 def _dense_tasks(run_dir: RunDir, config: RunConfig) -> dict:

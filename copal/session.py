@@ -81,7 +81,7 @@ class RunSession:
     def seen_domains(self, parent: StepState | None) -> list[Domain]:
         """The domains `parent`'s lineage (parent included) has stepped on, in run order."""
         lineage = self.dir.lineage(parent.id) if parent else []
-        return self.domains.named(state.record["domain"] for state in lineage)
+        return self.domains.named(state.record.domain for state in lineage)
 
     def use_start(self, start: TextStart) -> None:
         """Cut the run's windows with `start` (a step's recorded tokenization) from now on."""

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -31,6 +32,7 @@ from copal.codecs import CODECS, FORMAT_KEY, STATE_VERSION, StateCodec, codec_fo
 from copal.digests import check_digests, tree_digests
 from copal.errors import InputError
 from copal.model import DenseWeights
+from copal.records import StepRecord
 
 log = logging.getLogger("copal")
 
@@ -197,9 +199,9 @@ class StepWriter:
         self.sensitivity.flush(index)
         self.weights.flush(index)
 
-    def commit(self, record: dict) -> Path:
-        """Write the masks and indexes, then step.json with every file's SHA-256
-        (`record["files"]`), and rename the step into place; on failure nothing is left."""
+    def commit(self, record: StepRecord) -> Path:
+        """Write the masks and indexes, then step.json: `record` with every file's SHA-256
+        (`files`), and rename the step into place; on failure nothing is left."""
         try:
             self.worker.wait()
             self.worker.close()
@@ -209,8 +211,8 @@ class StepWriter:
             save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
             self.sensitivity.close()
             self.weights.close()
-            record["files"] = tree_digests(self.partial)
-            write_json(self.partial / "step.json", record)
+            record = record.model_copy(update={"files": tree_digests(self.partial)})
+            write_json(self.partial / "step.json", record.as_json())
             os.replace(self.partial, self.final)
         except BaseException:
             self.discard()
@@ -223,23 +225,34 @@ class StepWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
+def _read_record(path: Path, required: tuple[str, ...]) -> StepRecord:
+    """step.json as a StepRecord; an InputError if it is not one or lacks a `required` key."""
+    raw = read_json(path, "step record")
+    if not isinstance(raw, dict) or any(key not in raw for key in required):
+        raise InputError(f"{path}: corrupt step record (lacks one of {', '.join(required)})")
+    try:
+        return StepRecord.model_validate(raw)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise InputError(f"{path}: corrupt step record ({where}: {problem['msg']})") from None
+
+
 class StepState:
     """A recorded step, read lazily (one tensor at a time)."""
 
     def __init__(self, folder: Path, required: tuple[str, ...] = ("step", "parent")):
         """`required`: the keys step.json must hold (else an InputError)."""
         self.folder = folder
-        self.record = read_json(folder / "step.json", "step record")
-        if not isinstance(self.record, dict) or any(key not in self.record for key in required):
-            raise InputError(f"{folder / 'step.json'}: corrupt step record (lacks one of {', '.join(required)})")
-        if folder.name.isdigit() and self.record["step"] != int(folder.name):
-            raise InputError(f"{folder / 'step.json'}: records step {self.record['step']!r}, not {folder.name}")
+        self.record = _read_record(folder / "step.json", required)
+        if folder.name.isdigit() and self.record.step != int(folder.name):
+            raise InputError(f"{folder / 'step.json'}: records step {self.record.step!r}, not {folder.name}")
         self._indexes: dict[str, dict[str, str]] = {}
         self._verified = False
 
     @property
     def id(self) -> int:
-        return self.record["step"]
+        return self.record.step
 
     def _open(self, file: Path):
         try:
@@ -249,7 +262,7 @@ class StepState:
 
     @property
     def has_digests(self) -> bool:
-        return "files" in self.record
+        return self.record.files is not None
 
     def verify(self) -> None:
         """Check every file against the SHA-256 step.json records: a changed or corrupt
@@ -258,7 +271,7 @@ class StepState:
         if self._verified:
             return
         if self.has_digests:
-            check_digests(self.folder, self.record["files"])
+            check_digests(self.folder, self.record.files)
         else:
             log.debug("step %s was recorded without file digests (an older copal): its files are only "
                       "checked to be readable", self.id)

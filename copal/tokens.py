@@ -12,6 +12,8 @@ convention). A tokenizer that adds nothing gives windows of text only, as before
 
 from dataclasses import dataclass
 
+from copal.records import Tokenization
+
 # Probe texts: the convention is what calling the tokenizer adds around them.
 _PROBES = ("Hello world", "x = 1\n\nThe end.")
 
@@ -23,15 +25,15 @@ class TextStart:
     ids: tuple[int, ...] = ()
     tokens: tuple[str, ...] = ()
 
-    def record(self) -> dict:
-        """What a step records: `{"prefix_ids": [...], "prefix": [...]}` (empty lists: none)."""
-        return {"prefix_ids": list(self.ids), "prefix": list(self.tokens)}
+    def record(self) -> Tokenization:
+        """What a step records as `tokenization` (empty lists: no prefix)."""
+        return Tokenization(prefix_ids=list(self.ids), prefix=list(self.tokens))
 
     @classmethod
-    def from_record(cls, record: dict | None) -> "TextStart":
+    def from_record(cls, record: Tokenization | None) -> "TextStart":
         """A recorded convention; a step recorded before copal kept one had none."""
-        record = record or {}
-        return cls(tuple(record.get("prefix_ids", ())), tuple(record.get("prefix", ())))
+        record = record or Tokenization()
+        return cls(tuple(record.prefix_ids), tuple(record.prefix))
 
 
 def _prefix(tokenizer, text: str) -> list[int] | None:

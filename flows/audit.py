@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+from copal.records import HistoryRow
 from copal.rundir import RunDir, summarize
 from tasks.snapshot import revisions
 from tasks.tracking import Tracker
 
 
-def history_rows(root: Path) -> list[dict]:
+def history_rows(root: Path) -> list[HistoryRow]:
     """One row per recorded step (in id order), with BWT and average PPL along
     that step's own lineage, and its MLflow run id and DVC revision."""
     directory = RunDir(root).require()
@@ -20,17 +21,17 @@ def history_rows(root: Path) -> list[dict]:
     for step_id in directory.step_ids():
         record = directory.step(step_id).record
         upto = summarize(directory, config, head=step_id)
-        rows.append({
-            "step": step_id, "parent": record["parent"], "head": step_id == head,
-            "in_head_lineage": step_id in in_lineage, "domain": record["domain"],
-            "fingerprint": record["fingerprint"], "method": record["method"], "regime": record["regime"],
-            "structure": record["structure"], "sparsity": record["sparsity"],
-            "ppl_own": record["ppl"].get(record["domain"]), "ppl": record["ppl"],
-            "avg_ppl": upto["avg_ppl"], "bwt": upto["bwt"],
-            "mlflow_run_id": tracked.get(str(step_id), {}).get("run_id"),
-            "model_version": tracked.get(str(step_id), {}).get("model_version"),
-            "dvc_revision": snapshots.get(str(step_id)),
-        })
+        rows.append(HistoryRow(
+            step=step_id, parent=record.parent, head=step_id == head,
+            in_head_lineage=step_id in in_lineage, domain=record.domain,
+            fingerprint=record.fingerprint, method=record.method, regime=record.regime,
+            structure=record.structure, sparsity=record.sparsity,
+            ppl_own=record.ppl.get(record.domain), ppl=record.ppl,
+            avg_ppl=upto.avg_ppl, bwt=upto.bwt,
+            mlflow_run_id=tracked.get(str(step_id), {}).get("run_id"),
+            model_version=tracked.get(str(step_id), {}).get("model_version"),
+            dvc_revision=snapshots.get(str(step_id)),
+        ))
     return rows
 
 
@@ -46,13 +47,13 @@ def write_dvc_metrics(root: Path, out: Path) -> None:
     directory = RunDir(root).require()
     config, _ = directory.read_config()
     summary = summarize(directory, config)
-    final = dict(zip(summary["domains"], summary["ppl"][-1])) if summary["ppl"] else {}
-    write_atomic(out / "metrics.json", json.dumps({"bwt": summary["bwt"], "avg_ppl": summary["avg_ppl"],
+    final = dict(zip(summary.domains, summary.ppl[-1])) if summary.ppl else {}
+    write_atomic(out / "metrics.json", json.dumps({"bwt": summary.bwt, "avg_ppl": summary.avg_ppl,
                                                    "ppl": final}, indent=1) + "\n")
-    rows = [row for row in history_rows(root) if row["in_head_lineage"]]
+    rows = [row for row in history_rows(root) if row.in_head_lineage]
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["step", "domain", "ppl_own", "avg_ppl", "bwt"])
     for row in rows:
-        writer.writerow([row["step"], row["domain"], row["ppl_own"], row["avg_ppl"], row["bwt"]])
+        writer.writerow([row.step, row.domain, row.ppl_own, row.avg_ppl, row.bwt])
     write_atomic(out / "history.csv", table.getvalue())

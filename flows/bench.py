@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +33,10 @@ from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
 from copal.errors import InputError
-from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
-                        default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
-                        shared_dense)
+from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config, cell_dir, cell_metrics,
+                        cost_cells, default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan,
+                        run_cell, shared_dense)
+from copal.records import BenchAccuracy, BenchSummary
 from flows.runners import Runner, attached, parse_runner, submit, task_runner
 
 log = logging.getLogger("copal")
@@ -103,14 +105,16 @@ class GridTracker:
         metrics = cell_metrics(self.out_dir, cell)
         params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
                   "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
-        values = [Metric("avg_ppl", float(metrics["avg_ppl"]), 0, 0)]
-        if metrics.get("bwt") is not None:
-            values.append(Metric("bwt", float(metrics["bwt"]), 0, 0))
-        for domain, ppl in zip(metrics["domains"], metrics["ppl"][-1]):
+        values = [Metric("avg_ppl", float(metrics.avg_ppl), 0, 0)]
+        if metrics.bwt is not None:
+            values.append(Metric("bwt", float(metrics.bwt), 0, 0))
+        for domain, ppl in zip(metrics.domains, metrics.ppl[-1]):
             if ppl is not None:
                 values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
-        for index, step in enumerate(metrics["steps"]):
-            values += [Metric(key, float(step[key]), 0, index) for key in ("seconds", "prune_seconds", "peak_rss_mb")]
+        for index, step in enumerate(metrics.steps):
+            values += [Metric("seconds", float(step.seconds), 0, index),
+                       Metric("prune_seconds", float(step.prune_seconds), 0, index),
+                       Metric("peak_rss_mb", float(step.peak_rss_mb), 0, index)]
         with store_lock(self.uri):
             client = _client(self.uri)
             run = client.create_run(self.state["experiment_id"], run_name=cell.id,
@@ -185,66 +189,39 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     many as fit in memory, or --jobs; on a cluster: as its resources allow)."""
     from copal.data import ingest
 
-    where = parse_runner(runner)
-    resources = grid.resources
-    report = progress or (lambda what, done, total: None)
     fingerprints = {}
     for spec in base.domains:  # bad data fails here, once; the cells then find the Arrow cache warm
         domain = ingest(spec, data_dir)
         fingerprints[domain.name] = domain.fingerprint
-    configs = {cell.id: cell_config(base, cell) for cell in cells}
+    configs = {cell.id: cell_config(base, cell) for cell in cells}  # every cell's config checked before any runs
     tracker = GridTracker(out_dir, tracking_uri)
     tracker.ensure_parent(base, quick)
-    pending = [cell for cell in cells if not is_finished(out_dir, cell, len(base.domains))]
-    done = len(cells) - len(pending)
-    if done:
-        log.info("%d of %d cells already finished; skipped", done, len(cells))
-        for cell in cells:
-            if cell not in pending:
-                tracker.log_cell(cell, where)  # a cell finished before its child run was logged
-    report("cells", done, len(cells))
-    failures: dict[str, str] = {}
-
-    def finished(cell: Cell, future) -> None:
-        nonlocal done
-        done += 1
-        report("cells", done, len(cells))
-        try:
-            future.result()
-        except Exception as error:  # one broken cell must not cost the others
-            failures[cell.id] = error
-            log.error("cell %s failed: %s", cell.id, error, exc_info=None if isinstance(error, InputError) else error)
-            return
-        tracker.log_cell(cell, where)
-        log.info("cell %s finished (%d/%d)", cell.id, done, len(cells))
-
-    workdir = os.getcwd() if where.cluster else None
-
-    def submit_cell(cell: Cell, threads: int, pool: ProcessPoolExecutor | None = None):
-        dense = shared_dense(out_dir, cells, base, fingerprints)
-        named = cell_task.with_options(task_run_name=f"cell {cell.id}")
-        shown = None if where.cluster or pool is not None else progress
-        return submit(named, where, resources, configs[cell.id], str(cell_dir(out_dir, cell)),
-                      str(data_dir) if data_dir else None, threads, dense, workdir, pool, shown)
-
+    launcher = _Launcher(base, cells, configs, out_dir, data_dir, parse_runner(runner), grid.resources,
+                         fingerprints, tracker, progress)
+    pending = launcher.unfinished()
     # Every cell's torch thread count is planned here, as the local runner runs it, and pinned
     # wherever it runs: float results depend on it, so a cluster of any size gives the local
     # numbers bit for bit. `cpus` if set; else every thread of this process for a cell run
     # alone, and this machine's cores shared among the cells that run at once.
-    alone_threads = resources.cpus or torch.get_num_threads()
+    alone_threads = grid.resources.cpus or torch.get_num_threads()
     first = [cell for cell in (cost_cells(cells) if alone is None else alone) if cell in pending]
     if jobs is None and not first and pending and measured_peak_mb(out_dir, cells) is None:
         first = pending[:1]
-    for cell in first:  # alone, one at a time
-        future = submit_cell(cell, alone_threads)
-        future.wait()
-        finished(cell, future)
+    launcher.one_at_a_time(first, alone_threads)
     pending = [cell for cell in pending if cell not in first]
-    if not pending:
-        return failures
+    if pending:
+        _run_together(launcher, pending, jobs, alone_threads)
+    return launcher.failures
+
+
+def _run_together(launcher: "_Launcher", pending: list[Cell], jobs: int | None, alone_threads: int) -> None:
+    """The cells after those run alone: on a cluster all at once; locally `jobs` at a time
+    (default: as many as fit in memory by the peak RSS measured so far), each process
+    with its share of the cores."""
+    where, resources = launcher.where, launcher.resources
     cores = _cores()
     if jobs is None:
-        peak = measured_peak_mb(out_dir, cells)
+        peak = measured_peak_mb(launcher.out_dir, launcher.cells)
         jobs = default_jobs(peak, available_memory_mb(), cores) if peak else 1
         if resources.cpus:
             jobs = max(1, min(jobs, cores // resources.cpus))
@@ -253,29 +230,87 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
     workers = min(jobs, len(pending))
     threads = alone_threads if workers == 1 else resources.cpus or max(1, cores // workers)
     if where.cluster:
-        futures = {submit_cell(cell, threads): cell for cell in pending}
-        for future in as_completed(list(futures)):
-            finished(futures[future], future)
-        return failures
-    if workers == 1:
-        for cell in pending:
-            future = submit_cell(cell, threads)
-            future.wait()
-            finished(cell, future)
-        return failures
-    import multiprocessing
+        launcher.at_once(pending, threads)
+    elif workers == 1:
+        launcher.one_at_a_time(pending, threads)
+    else:
+        import multiprocessing
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {submit_cell(cell, threads, pool): cell for cell in pending}
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            launcher.at_once(pending, threads, pool)
+
+
+@dataclass
+class _Launcher:
+    """One grid's cells on their way: where they run and with what, and the tally of those
+    finished (each logged to MLflow) or failed (one broken cell must not cost the others)."""
+
+    base: RunConfig
+    cells: list[Cell]
+    configs: dict[str, RunConfig]  # by cell id
+    out_dir: Path
+    data_dir: Path | None
+    where: Runner
+    resources: Resources
+    fingerprints: dict[str, str]
+    tracker: "GridTracker"
+    progress: Progress | None
+    done: int = 0
+    failures: dict[str, Exception] = field(default_factory=dict)
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress("cells", self.done, len(self.cells))
+
+    def unfinished(self) -> list[Cell]:
+        """The cells still to run; the finished ones logged to MLflow if a crash left them unlogged."""
+        pending = [cell for cell in self.cells if not is_finished(self.out_dir, cell, len(self.base.domains))]
+        self.done = len(self.cells) - len(pending)
+        if self.done:
+            log.info("%d of %d cells already finished; skipped", self.done, len(self.cells))
+            for cell in self.cells:
+                if cell not in pending:
+                    self.tracker.log_cell(cell, self.where)  # a cell finished before its child run was logged
+        self.report()
+        return pending
+
+    def submit(self, cell: Cell, threads: int, pool: ProcessPoolExecutor | None = None):
+        dense = shared_dense(self.out_dir, self.cells, self.base, self.fingerprints)
+        named = cell_task.with_options(task_run_name=f"cell {cell.id}")
+        shown = None if self.where.cluster or pool is not None else self.progress
+        workdir = os.getcwd() if self.where.cluster else None
+        return submit(named, self.where, self.resources, self.configs[cell.id],
+                      str(cell_dir(self.out_dir, cell)), str(self.data_dir) if self.data_dir else None, threads,
+                      dense, workdir, pool, shown)
+
+    def finished(self, cell: Cell, future) -> None:
+        self.done += 1
+        self.report()
+        try:
+            future.result()
+        except Exception as error:  # one broken cell must not cost the others
+            self.failures[cell.id] = error
+            log.error("cell %s failed: %s", cell.id, error, exc_info=None if isinstance(error, InputError) else error)
+            return
+        self.tracker.log_cell(cell, self.where)
+        log.info("cell %s finished (%d/%d)", cell.id, self.done, len(self.cells))
+
+    def one_at_a_time(self, cells: list[Cell], threads: int) -> None:
+        for cell in cells:
+            future = self.submit(cell, threads)
+            future.wait()
+            self.finished(cell, future)
+
+    def at_once(self, cells: list[Cell], threads: int, pool: ProcessPoolExecutor | None = None) -> None:
+        futures = {self.submit(cell, threads, pool): cell for cell in cells}
         for future in as_completed(list(futures)):
-            finished(futures[future], future)
-    return failures
+            self.finished(futures[future], future)
 
 
 def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, quick: bool = False,
                   jobs: int | None = None, data_dir: Path | None = None, runner: str = "local",
                   tracking_uri: str | None = None, api=None, progress: Progress | None = None,
-                  report_only: bool = False) -> tuple[dict, list[Path]]:
+                  report_only: bool = False) -> tuple[BenchSummary, list[Path]]:
     """The whole benchmark: run (or resume) the grid's flow on `runner`, then the task
     accuracy of the chosen cells (here), then JSON, Markdown and plots.
 
@@ -321,11 +356,12 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
     return summary, written
 
 
-def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool, accuracy: dict | None,
-                  runner: str | None) -> tuple[dict, list[Path]]:
+def write_outputs(base: RunConfig, cells: list[Cell], out_dir: Path, quick: bool, accuracy: BenchAccuracy | None,
+                  runner: str | None) -> tuple[BenchSummary, list[Path]]:
     """OUT/benchmark.{json,md} and the plots, from the cells recorded in OUT/cells."""
-    summary = summarize_grid(base, cells, out_dir) | {"quick": quick, "accuracy": accuracy, "runner": runner}
+    summary = summarize_grid(base, cells, out_dir).model_copy(update={"quick": quick, "accuracy": accuracy,
+                                                                      "runner": runner})
     images = write_plots(summary, out_dir)
-    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=1) + "\n"),
+    written = [write_atomic(out_dir / "benchmark.json", json.dumps(summary.as_json(), indent=1) + "\n"),
                write_atomic(out_dir / "benchmark.md", write_markdown(summary, [p.name for p in images])), *images]
     return summary, written

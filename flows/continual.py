@@ -18,10 +18,11 @@ import flows.api  # noqa: F401 - Prefect's settings for this project, before Pre
 from prefect import flow, get_run_logger
 
 from copal import lifecycle
+from copal.errors import InputError
 from copal.evaluator import Evaluator
+from copal.records import RunMetrics, StepRecord
 from copal.rundir import RunDir
 from copal.session import RunSession
-from copal.errors import InputError
 from tasks import steps
 from tasks.snapshot import revisions
 from tasks.tracking import Tracker
@@ -35,7 +36,7 @@ Progress = Callable[[str, int, int], None]
 
 
 def _step(session: RunSession, evaluator: Evaluator, tracker: Tracker, domain_index: int,
-          publishing: list) -> dict:
+          publishing: list) -> StepRecord:
     step = steps.calibrate(session, domain_index)
     try:
         steps.prune(session, step)
@@ -44,7 +45,7 @@ def _step(session: RunSession, evaluator: Evaluator, tracker: Tracker, domain_in
     except BaseException:
         step.writer.discard()  # no .partial left behind
         raise
-    publishing.append(_publish(session, tracker, record["step"], after=publishing[-1:]))
+    publishing.append(_publish(session, tracker, record.step, after=publishing[-1:]))
     return record
 
 
@@ -74,7 +75,7 @@ def _catch_up(session: RunSession, tracker: Tracker, publishing: list) -> None:
 
 @flow(name="copal-run")
 def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None) -> RunMetrics:
     """Every pending domain of the config, one step each (holding the run directory's lock)."""
     with RunDir(out).lock():
         session = steps.open_run(config, out, progress, data_dir)
@@ -85,7 +86,7 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
         publishing = []
         _catch_up(session, tracker, publishing)
         for state in session.dir.lineage():
-            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record["domain"])
+            log.info("step %d (%s) already recorded; not recomputed", state.id, state.record.domain)
         for index in lifecycle.remaining(session):
             log.info("step on domain %d/%d: %s", index + 1, len(session.domains), session.domains[index].name)
             _step(session, evaluator, tracker, index, publishing)
@@ -97,7 +98,7 @@ def continual_flow(config, out: Path, tracking_uri: str | None = None, data_dir:
 
 @flow(name="copal-step")
 def step_flow(data: str, run_dir: Path, tracking_uri: str | None = None, data_dir: Path | None = None,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None) -> StepRecord:
     """One more step on `data` for an existing run, continuing from its HEAD (holding its lock)."""
     directory = RunDir(run_dir).require()
     with directory.lock():
@@ -124,7 +125,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
 
     directory = RunDir(run_dir).require()
     config, _ = directory.read_config()
-    done = {state.record["domain"] for state in directory.lineage()}
+    done = {state.record.domain for state in directory.lineage()}
     candidates = list(config.domains)
     if queue is not None:
         if not queue.is_dir():
@@ -141,7 +142,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
 
 
 @flow(name="copal-scheduled-step")
-def scheduled_step_flow(run_dir: str, queue: str | None = None, tracking_uri: str | None = None) -> dict | None:
+def scheduled_step_flow(run_dir: str, queue: str | None = None, tracking_uri: str | None = None) -> StepRecord | None:
     """What a schedule triggers: one step on the next domain of the queue."""
     spec = next_in_queue(Path(run_dir), Path(queue) if queue else None)
     if spec is None:

@@ -8,10 +8,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from copal import lifecycle
+from copal.errors import InputError
 from copal.evaluator import Evaluator
 from copal.lifecycle import PendingStep
+from copal.records import StepRecord
 from copal.session import RunSession
-from copal.errors import InputError
 from tasks.snapshot import record_revision, snapshot_step
 from tasks.tracking import Tracker
 
@@ -68,7 +69,7 @@ def evaluate(evaluator: Evaluator, step: PendingStep) -> dict:
 
 
 @task(name="record", **_local)
-def record(session: RunSession, step: PendingStep, evaluation: dict) -> dict:
+def record(session: RunSession, step: PendingStep, evaluation: dict) -> StepRecord:
     """Write the step directory whole and make it HEAD."""
     return lifecycle.finish_step(session, step, evaluation)
 
@@ -81,8 +82,8 @@ def track(tracker: Tracker, session: RunSession, step_id: int) -> dict:
     from copal.rundir import summarize
 
     metrics = summarize(session.dir, session.config, head=step_id)  # the matrix as of this step, whatever ran since
-    rows = ["dense"] + [f"{step['step']}: {step['domain']}" for step in metrics["steps"]]
-    plot = ppl_heatmap([metrics["dense_ppl"]] + metrics["ppl"], rows, metrics["domains"], "perplexity after each step")
+    rows = ["dense"] + [step.label for step in metrics.steps]
+    plot = ppl_heatmap([metrics.dense_ppl] + metrics.ppl, rows, metrics.domains, "perplexity after each step")
     return tracker.record_step(session.dir.step(step_id), metrics, session.config, plot)
 
 

@@ -26,6 +26,7 @@ from copal.rundir import RunDir
 from copal.errors import InputError
 from copal.model import weights_fingerprint
 from copal.paths import state_home
+from copal.records import RunMetrics
 from copal.state import StepState, read_json, write_json
 
 EXPERIMENT = "copal"
@@ -119,7 +120,7 @@ class Tracker:
         with store_lock(self.uri):
             _client(self.uri).set_terminated(self.state["parent_run_id"], "FINISHED")
 
-    def record_step(self, state: StepState, metrics: dict, config, plot_png: bytes | None = None) -> dict:
+    def record_step(self, state: StepState, metrics: RunMetrics, config, plot_png: bytes | None = None) -> dict:
         """A child run with the step's params, metrics and artifacts, and a new
         version of the registered model. Idempotent per step."""
         from mlflow.entities import Metric, Param
@@ -129,18 +130,18 @@ class Tracker:
             return self.steps()[key]
         parent = self.ensure_parent(config)
         record = state.record
-        params = {"domain": record["domain"], "source": record["source"], "fingerprint": record["fingerprint"],
-                  "method": record["method"], "regime": record["regime"], "structure": record["structure"],
-                  "sparsity": record["sparsity_target"], "seed": record["seed"],
-                  "code_revision": record["code_revision"], "parent_step": record["parent"]}
-        values = {f"ppl.{name}": value for name, value in record["ppl"].items()}
-        values.update({"sparsity": record["sparsity"], "seconds": record["seconds"],
-                       "prune_seconds": record["prune_seconds"], "peak_rss_mb": record["peak_rss_mb"]})
-        if metrics.get("bwt") is not None:
-            values["bwt"] = metrics["bwt"]
-        values["avg_ppl"] = metrics["avg_ppl"]
-        values.update(_task_metrics(record.get("tasks", {})))
-        params.update({f"task_items/{task}/{key}": value for task, items in record.get("task_items", {}).items()
+        params = {"domain": record.domain, "source": record.source, "fingerprint": record.fingerprint,
+                  "method": record.method, "regime": record.regime, "structure": record.structure,
+                  "sparsity": record.sparsity_target, "seed": record.seed,
+                  "code_revision": record.code_revision, "parent_step": record.parent}
+        values = {f"ppl.{name}": value for name, value in record.ppl.items()}
+        values.update({"sparsity": record.sparsity, "seconds": record.seconds,
+                       "prune_seconds": record.prune_seconds, "peak_rss_mb": record.peak_rss_mb})
+        if metrics.bwt is not None:
+            values["bwt"] = metrics.bwt
+        values["avg_ppl"] = metrics.avg_ppl
+        values.update(_task_metrics(record.tasks or {}))
+        params.update({f"task_items/{task}/{key}": value for task, items in (record.task_items or {}).items()
                        for key, value in items.items()})
         with tempfile.TemporaryDirectory() as scratch, store_lock(self.uri):
             client = _client(self.uri)
@@ -152,11 +153,11 @@ class Tracker:
             else:
                 self._delete_unregistered(client, parent, key)
                 model_dir = _model_artifact(state, config, Path(scratch) / "model")
-                run = client.create_run(self.state["experiment_id"], run_name=f"step {state.id}: {record['domain']}",
+                run = client.create_run(self.state["experiment_id"], run_name=f"step {state.id}: {record.domain}",
                                         tags={"mlflow.parentRunId": parent, "copal.step": key})
                 run_id = run.info.run_id
                 client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                                 metrics=[Metric(k, float(v), 0, record["index"]) for k, v in values.items()])
+                                 metrics=[Metric(k, float(v), 0, record.index) for k, v in values.items()])
                 client.log_artifacts(run_id, str(model_dir), "model")
                 if (state.folder / "sensitivity").is_dir():
                     client.log_artifacts(run_id, str(state.folder / "sensitivity"), "sensitivity")

@@ -186,9 +186,9 @@ def prefect_api(isolated_services):
         yield
 
 
-def without_timings(metrics: dict) -> dict:
-    """metrics.json minus the fields that differ between identical runs."""
-    metrics = json.loads(json.dumps(metrics))
+def without_timings(metrics) -> dict:
+    """metrics.json (a dict or a RunMetrics) minus the fields that differ between identical runs."""
+    metrics = json.loads(json.dumps(metrics if isinstance(metrics, dict) else metrics.as_json()))
     for step in metrics["steps"]:
         for key in ("seconds", "prune_seconds", "peak_rss_mb"):
             step.pop(key)

@@ -12,8 +12,9 @@ from copal import bench_report as report, grid as bench, plots
 from copal.config import METHODS, REGIMES, build_config
 from copal.paths import PROJECT_ROOT
 from copal.evaluator import Evaluator
+from copal.records import BenchSummary
 from flows import bench as flow
-from flows.cli import app
+from cli import app
 
 
 def _tiny_config(llama_dir, corpus_dir) -> dict:
@@ -66,19 +67,19 @@ def test_finished_cells_are_skipped(grid):
 
 def test_summary_holds_each_cells_recorded_metrics(grid):
     summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"])
-    assert summary["missing"] == []
-    assert [c["id"] for c in summary["cells"]] == ["wanda-reprune-u50", "sparsegpt-reprune-u50",
-                                                   "copal-accumulate-u50"]
-    for cell, entry in zip(grid["cells"], summary["cells"]):
+    assert summary.missing == []
+    assert [c.id for c in summary.cells] == ["wanda-reprune-u50", "sparsegpt-reprune-u50", "copal-accumulate-u50"]
+    for cell, entry in zip(grid["cells"], summary.cells):
         recorded = _metrics(grid, cell)
-        assert entry["method"] == recorded["method"] == cell.method
-        assert entry["regime"] == recorded["regime"] == cell.regime
+        assert entry.method == recorded["method"] == cell.method
+        assert entry.regime == recorded["regime"] == cell.regime
+        as_written = entry.as_json()
         for key in ("domains", "dense_ppl", "ppl", "bwt", "avg_ppl", "steps"):
-            assert entry[key] == recorded[key], key
-        assert len(entry["ppl"]) == 2 and all(s["peak_rss_mb"] > 0 for s in entry["steps"])
+            assert as_written[key] == recorded[key], key
+        assert len(entry.ppl) == 2 and all(s.peak_rss_mb > 0 for s in entry.steps)
     dense = _metrics(grid, grid["cells"][0])["dense_ppl"]
-    assert summary["dense"]["avg_ppl"] == pytest.approx(sum(dense) / len(dense))
-    assert summary["setup"]["calibration"]["nsamples"] == 4
+    assert summary.dense.avg_ppl == pytest.approx(sum(dense) / len(dense))
+    assert summary.setup.calibration["nsamples"] == 4
 
 
 def test_markdown_tables_show_the_recorded_values(grid):
@@ -88,7 +89,7 @@ def test_markdown_tables_show_the_recorded_values(grid):
     for cell in grid["cells"]:
         recorded = _metrics(grid, cell)
         assert f"| {cell.method} | {cell.regime} | {fmt(recorded['avg_ppl'])} | {fmt(recorded['bwt'])} |" in text
-    assert f"| dense | – | {fmt(summary['dense']['avg_ppl'])} | – |" in text
+    assert f"| dense | – | {fmt(summary.dense.avg_ppl)} | – |" in text
     seconds = {c.method: [s["prune_seconds"] for s in _metrics(grid, c)["steps"]] for c in grid["cells"]}
     ratio = (sum(seconds["copal"]) / 2) / (sum(seconds["wanda"]) / 2)
     assert f"copal's pruning time is {ratio:.2f}× wanda's" in text
@@ -179,11 +180,12 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
         c = bench.Cell(method, regime, structure, sparsity, variant)
         step = {"step": 1, "domain": "a", "seconds": 2.0, "prune_seconds": 1.0, "peak_rss_mb": 100.0}
         return {"id": c.id, "label": c.label, "method": method, "regime": regime, "structure": structure,
-                "sparsity": sparsity, "variant": variant, "avg_ppl": avg, "bwt": bwt, "steps": [step]}
+                "sparsity": sparsity, "variant": variant, "options": {}, "domains": ["a"], "dense_ppl": [5.0],
+                "ppl": [[avg]], "avg_ppl": avg, "bwt": bwt, "steps": [step]}
 
     summary = {"setup": {"model": "m", "domains": ["builtin:a", "builtin:b"],
                          "calibration": {"nsamples": 8, "seqlen": 64, "seed": 0},
-                         "evaluation": {"seqlen": 64, "max_tokens": 512}},
+                         "evaluation": {"seqlen": 64, "max_tokens": 512}, "dtype": "float32"},
                "notes": {"magnitude": bench.MAGNITUDE_NOTE, "variants": bench.VARIANT_NOTES},
                "cost_cells": ["copal-accumulate-u50"],
                "dense": {"domains": ["a", "b"], "ppl": [5.0, 7.0], "avg_ppl": 6.0},
@@ -194,7 +196,7 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                          cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss"),
                          cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="reconstruct")],
                "missing": ["wanda-reprune-u50"]}
-    text = report.write_markdown(summary)
+    text = report.write_markdown(BenchSummary.model_validate(summary))
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
     assert "| dense | – | 6.00 | – | 6.00 | – |" in text
     assert "| magnitude | any¹ |  |  | 99.00 | 0.00 |" in text
@@ -307,19 +309,19 @@ def test_grid_accuracy_measures_the_dense_and_final_models_once(grid, tiny_task)
     reports = []
     accuracy = bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"],
                                    progress=lambda *report: reports.append(report))
-    assert set(accuracy["cells"]) == {"wanda-reprune-u50", "copal-accumulate-u50"}
-    for result in [accuracy["dense"], *accuracy["cells"].values()]:
+    assert set(accuracy.cells) == {"wanda-reprune-u50", "copal-accumulate-u50"}
+    for result in [accuracy.dense, *accuracy.cells.values()]:
         assert 0.0 <= result[TINY_TASK]["acc"] <= 1.0 and "acc_stderr" in result[TINY_TASK]
     assert reports[0] == ("task accuracy", 0, 3) and reports[-1] == ("task accuracy", 3, 3)
     # The final model is the pruned one: its accuracy is what copal eval gives for the exported step.
     recorded = json.loads((grid["out"] / "tasks" / "wanda-reprune-u50.json").read_text())
-    assert recorded["tasks"] == accuracy["cells"]["wanda-reprune-u50"] and recorded["setup"]["limit"] == 6
+    assert recorded["tasks"] == accuracy.cells["wanda-reprune-u50"] and recorded["setup"]["limit"] == 6
     before = _mtimes(grid["out"] / "tasks")
     assert bench.grid_accuracy(grid["base"], tasks, grid["cells"], grid["out"]) == accuracy
     assert _mtimes(grid["out"] / "tasks") == before  # measured once
-    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]) | {"accuracy": accuracy}
+    summary = report.summarize_grid(grid["base"], grid["cells"], grid["out"]).model_copy(update={"accuracy": accuracy})
     text = report.write_markdown(summary)
-    dense = accuracy["dense"][TINY_TASK]
+    dense = accuracy.dense[TINY_TASK]
     assert f"| dense | {100 * dense['acc']:.1f} ± {100 * dense['acc_stderr']:.1f} |" in text
     assert "| wanda/reprune, 50 % unstructured |" in text and "the first 6 items" in text
     assert bench.grid_accuracy(grid["base"], bench.GridTasks(), grid["cells"], grid["out"]) is None

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_line_error, small_config, without_timings
 from copal import grid as bench
 from flows import runners
-from flows.cli import app
+from cli import app
 from flows.local_cluster import free_port
 
 CELLS = ["wanda-sequential-u50", "copal-sequential-u50"]  # no cost cell: on Ray both run at once

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, build_model_dir, small_config, tree_digest
-from flows.cli import app
+from cli import app
 
 runner = CliRunner()
 
@@ -150,7 +150,7 @@ def test_run_directory_of_another_config_is_left_untouched(finished_run):
 
 
 def test_real_process_exit_code_and_help():
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "/no/such/config.yaml"],
+    result = subprocess.run([sys.executable, "-m", "cli", "run", "/no/such/config.yaml"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "copal: error: /no/such/config.yaml: config file not found"

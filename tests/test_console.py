@@ -12,15 +12,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flows.cli import app
-from flows.console import next_steps, progress_bar
+from cli import app
+from cli.console import next_steps, progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_help_answers_fast_without_importing_torch():
     probe = ("import sys, time; start = time.perf_counter(); sys.argv = ['copal', 'run', '--help']\n"
-             "from flows.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+             "from cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
              "print('SECONDS', time.perf_counter() - start, 'torch' in sys.modules, 'transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     seconds, torch, transformers = done.stdout.split("SECONDS")[1].split()

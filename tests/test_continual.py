@@ -40,7 +40,7 @@ def test_every_step_has_exact_sparsity_and_touches_nothing_else(tmp_path, data_d
     dense, _ = load_model(str(llama_dir))
     dense_state = dense.state_dict()
     prunable = {f"{name}.weight" for name in all_prunable(dense)}
-    assert len(metrics["ppl"]) == 3 and all(len(row) == 3 for row in metrics["ppl"])
+    assert len(metrics.ppl) == 3 and all(len(row) == 3 for row in metrics.ppl)
     for step in (1, 2, 3):
         model, _ = load_step_model(tmp_path / "run", step)
         for key, tensor in model.state_dict().items():
@@ -152,7 +152,7 @@ def test_interrupted_run_resumes_at_first_unrecorded_step(tmp_path, data_dir, ll
     step1 = (tmp_path / "run/steps/1/masks.safetensors").stat().st_mtime_ns
     resumed = ContinualRun(config, tmp_path / "run").run()
     assert (tmp_path / "run/steps/1/masks.safetensors").stat().st_mtime_ns == step1
-    assert [s["step"] for s in resumed["steps"]] == [1, 2, 3]
+    assert [s.step for s in resumed.steps] == [1, 2, 3]
     assert not (tmp_path / "run/steps/.2.partial").exists()
     fresh = _run(tmp_path / "fresh", llama_dir, corpus_dir)
     assert without_timings(resumed) == without_timings(fresh)
@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_at_first_unrecorded_step(tmp_path, data_dir, ll
 def test_metrics_json_contract(tmp_path, data_dir, llama_dir, corpus_dir):
     metrics = _run(tmp_path / "run", llama_dir, corpus_dir)
     on_disk = json.loads((tmp_path / "run/metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk == json.loads(json.dumps(metrics.as_json()))
     for key in ("model", "method", "regime", "structure", "sparsity", "seqlen", "domains", "dense_ppl", "ppl",
                 "bwt", "avg_ppl", "steps"):
         assert key in on_disk
@@ -177,13 +177,13 @@ def test_metrics_json_contract(tmp_path, data_dir, llama_dir, corpus_dir):
 def test_seen_only_evaluation_is_the_lower_triangle_of_the_full_matrix(tmp_path, data_dir, llama_dir, corpus_dir):
     full = _run(tmp_path / "all", llama_dir, corpus_dir)
     seen = _run(tmp_path / "seen", llama_dir, corpus_dir, evaluation={"domains": "seen"})
-    for step, (row_all, row_seen) in enumerate(zip(full["ppl"], seen["ppl"])):
+    for step, (row_all, row_seen) in enumerate(zip(full.ppl, seen.ppl)):
         assert row_seen[: step + 1] == row_all[: step + 1]
         assert row_seen[step + 1 :] == [None] * (2 - step)
-    assert (seen["bwt"], seen["avg_ppl"]) == (full["bwt"], full["avg_ppl"])
-    assert seen["dense_ppl"] == full["dense_ppl"]
-    assert _masks(tmp_path / "seen", 3).record["ppl"].keys() == {"alpha", "beta", "gamma"}
-    assert _masks(tmp_path / "seen", 1).record["ppl"].keys() == {"alpha"}
+    assert (seen.bwt, seen.avg_ppl) == (full.bwt, full.avg_ppl)
+    assert seen.dense_ppl == full.dense_ppl
+    assert _masks(tmp_path / "seen", 3).record.ppl.keys() == {"alpha", "beta", "gamma"}
+    assert _masks(tmp_path / "seen", 1).record.ppl.keys() == {"alpha"}
 
 
 def test_known_dense_row_is_recorded_instead_of_measured(tmp_path, data_dir, llama_dir, corpus_dir, monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from conftest import small_config
 from copal.config import build_config
 from copal.continual import ContinualRun
+from copal.records import RunMetrics
 from copal.rundir import RunDir
 from fake_cuda import FakeCuda
 
@@ -38,7 +39,7 @@ def _config(llama_dir, corpus_dir, method, regime, structure):
     return build_config(small_config(llama_dir, corpus_dir, **overrides), "test")
 
 
-def _run(config, root, data_dir) -> tuple[str, dict]:
+def _run(config, root, data_dir) -> tuple[str, RunMetrics]:
     """Two steps; (SHA-256 of every step's masks, the run's metrics)."""
     run = ContinualRun(config, root, data_dir=data_dir)
     metrics = run.run()
@@ -61,9 +62,9 @@ def test_a_step_on_the_compute_device_mixes_no_devices(tmp_path, data_dir, llama
         on_device, device_metrics = _run(config, tmp_path / "cuda", data_dir)
     assert mode.crossings > 0  # the run did compute on the stand-in device
     assert on_device == on_cpu
-    flat = [ppl for row in device_metrics["ppl"] for ppl in row]
-    assert RunDir(tmp_path / "cuda").step(2).record["environment"]["device"] == "cuda stand-in"
-    assert flat == pytest.approx([ppl for row in cpu_metrics["ppl"] for ppl in row], rel=1e-5)
+    flat = [ppl for row in device_metrics.ppl for ppl in row]
+    assert RunDir(tmp_path / "cuda").step(2).record.environment["device"] == "cuda stand-in"
+    assert flat == pytest.approx([ppl for row in cpu_metrics.ppl for ppl in row], rel=1e-5)
 
 
 def test_the_stand_in_device_catches_a_mix():

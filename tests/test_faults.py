@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import small_config, tree_digest, without_timings
+from cli import app
 from copal.rundir import RunDir
-from flows.cli import app
 
 runner = CliRunner()
 
@@ -133,7 +133,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(run_copy):
 
 
 def _cli(args, env, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -369,7 +369,7 @@ def test_an_unreachable_hub_is_one_line_at_once(tmp_path, corpus_dir, data_dir, 
 
 def _copal_process(args, tmp_path, prelude=""):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    code = f"import sys\n{prelude}\nfrom flows.cli import main\nsys.argv[0] = 'copal'\nmain()"
+    code = f"import sys\n{prelude}\nfrom cli import main\nsys.argv[0] = 'copal'\nmain()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=600)
 

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, tiny_config
-from flows.cli import app
+from cli import app
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402

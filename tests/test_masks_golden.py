@@ -42,6 +42,7 @@ def _step_digests(model_dir: Path, corpus_dir: Path, data_dir: Path, tmp: Path, 
     """Two steps (domains alpha, beta); the SHA-256 of each step's masks."""
     from copal.config import build_config
     from copal import lifecycle
+    from copal.evaluator import Perplexity
     from copal.continual import ContinualRun
 
     kind, sparsity, scope = STRUCTURES[structure]
@@ -55,7 +56,7 @@ def _step_digests(model_dir: Path, corpus_dir: Path, data_dir: Path, tmp: Path, 
         pending = lifecycle.start_step(run.session, index)
         lifecycle.calibrate(run.session, pending)
         lifecycle.prune(run.session, pending)
-        lifecycle.finish_step(run.session, pending, {d.name: {"ppl": 1.0, "tokens": 0} for d in run.session.domains})
+        lifecycle.finish_step(run.session, pending, {d.name: Perplexity(1.0, 0) for d in run.session.domains})
         digest = hashlib.sha256()
         for name in sorted(pending.writer.packed_masks):
             digest.update(name.encode() + pending.writer.packed_masks[name].numpy().tobytes())

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, small_config, tree_digest, without_t
 from copal.config import build_config
 from copal.rundir import RunDir
 from copal.export import load_step_model
-from flows.cli import app
+from cli import app
 
 runner = CliRunner()
 
@@ -66,8 +66,8 @@ def test_each_step_is_recorded_in_mlflow(tracked_run):
     by_step = {run.data.tags["copal.step"]: run for run in children}
     record = RunDir(tracked_run / "run").step(3).record
     child = by_step["3"].data
-    assert child.params["domain"] == "gamma" and child.params["fingerprint"] == record["fingerprint"]
-    assert child.metrics["ppl.gamma"] == pytest.approx(record["ppl"]["gamma"])
+    assert child.params["domain"] == "gamma" and child.params["fingerprint"] == record.fingerprint
+    assert child.metrics["ppl.gamma"] == pytest.approx(record.ppl["gamma"])
     assert {"bwt", "avg_ppl", "sparsity", "seconds", "peak_rss_mb"} <= child.metrics.keys()
     artifacts = {a.path for a in client.list_artifacts(by_step["3"].info.run_id)}
     assert {"model", "sensitivity", "ppl_matrix.png"} <= artifacts
@@ -104,7 +104,7 @@ def test_history_replay_rollback_and_continue(tracked_run, llama_dir, corpus_dir
     assert invoke("rollback", "--run", run, "--step", 1).exit_code == 0
     assert RunDir(run).head() == 1 and (run / "steps/3").is_dir()
     assert invoke("step", f"text:{corpus_dir / 'gamma'}.txt", "--run", run).exit_code == 0
-    assert RunDir(run).head() == 4 and RunDir(run).step(4).record["parent"] == 1
+    assert RunDir(run).head() == 4 and RunDir(run).step(4).record.parent == 1
 
     from copal.continual import ContinualRun
 
@@ -132,7 +132,7 @@ def test_scheduled_step_takes_the_next_domain_from_the_queue(tmp_path, llama_dir
     (queue / "notes.md").write_text("not a domain")
     first = scheduled_step_flow(str(tmp_path / "run"), str(queue))
     second = scheduled_step_flow(str(tmp_path / "run"), str(queue))
-    assert (first["domain"], second["domain"]) == ("1-beta", "2-delta")
+    assert (first.domain, second.domain) == ("1-beta", "2-delta")
     assert scheduled_step_flow(str(tmp_path / "run"), str(queue)) is None
     assert RunDir(tmp_path / "run").head() == 3
 
@@ -195,7 +195,7 @@ def test_corrupted_snapshot_is_exit_2_and_changes_nothing(tracked_run, tmp_path,
 
 
 def _cli(args, env, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

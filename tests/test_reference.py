@@ -12,7 +12,7 @@ from copal.config import BENCH_CONFIG, load_config
 from copal.data import evaluation_windows, ingest
 from copal.metrics import perplexity
 from copal.model import all_prunable, load_model
-from flows.cli import app
+from cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "data/models/reference"

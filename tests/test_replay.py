@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import small_config
 from copal.replay import MAX_PPL_CHANGE, MIN_LAYER_AGREEMENT, ReplayResult
-from flows.cli import app
+from cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def recorded_run(tmp_path_factory, llama_dir, corpus_dir):
 def _replay_elsewhere(run: Path, data: Path, **env) -> subprocess.CompletedProcess:
     """`copal replay` in a fresh process whose environment differs as given."""
     environ = os.environ | {"COPAL_DATA_DIR": str(data), "PYTHONPATH": str(ROOT)} | env
-    return subprocess.run([sys.executable, "-m", "flows.cli", "replay", "--run", str(run), "--step", "2"],
+    return subprocess.run([sys.executable, "-m", "cli", "replay", "--run", str(run), "--step", "2"],
                           env=environ, capture_output=True, text=True, timeout=600)
 
 

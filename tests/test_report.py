@@ -19,7 +19,7 @@ from copal.continual import ContinualRun
 from copal.rundir import RunDir
 from copal.errors import InputError
 from copal.report import load_history, write_report
-from flows.cli import app
+from cli import app
 
 # scripts/setup.sh installs Debian's chromium; a missing browser is a setup failure, not a skip.
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

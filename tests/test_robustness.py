@@ -88,7 +88,7 @@ def test_step_policy_names_the_layer_whose_hessian_fails():
 def test_sparsegpt_blocksize_must_hold_whole_n_m_groups(tmp_path, llama_dir, corpus_dir, structure, blocksize, ok):
     from copal.config import build_config
     from copal.errors import InputError
-    from flows.cli import app
+    from cli import app
 
     config = small_config(llama_dir, corpus_dir, method="sparsegpt", structure=structure,
                           sparsity=0.5, sparsegpt={"blocksize": blocksize})
@@ -156,7 +156,7 @@ def _copal_process(args, tmp_path, prelude=""):
 
     env = {**os.environ, "COPAL_DATA_DIR": str(tmp_path / "arrow"), "PREFECT_HOME": str(tmp_path / "prefect"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    code = f"import sys\n{prelude}\nfrom flows.cli import main\nsys.argv[0] = 'copal'\nmain()"
+    code = f"import sys\n{prelude}\nfrom cli import main\nsys.argv[0] = 'copal'\nmain()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -189,7 +189,7 @@ def test_prefect_reports_of_input_errors_are_dropped_and_others_kept():
     import sys
 
     from copal.errors import InputError
-    from flows.cli import _WithoutInputErrors
+    from cli.logs import WithoutInputErrors
 
     def record(message, error=None):
         exc_info = None
@@ -200,7 +200,7 @@ def test_prefect_reports_of_input_errors_are_dropped_and_others_kept():
                 exc_info = sys.exc_info()
         return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, (), exc_info)
 
-    keep = _WithoutInputErrors().filter
+    keep = WithoutInputErrors().filter
     assert not keep(record("Task run failed with exception: InputError('x')", InputError("x")))
     assert not keep(record("Finished in state Failed('Task run encountered an exception InputError: x')"))
     assert not keep(record("Finished in state Failed('Flow run encountered an exception: InputError: x')"))

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, small_config, tree_digest, without_timings
-from flows.cli import app
+from cli import app
 
 SWEPT = {"0.4": "sw-sparsity-0.4", "0.6": "sw-sparsity-0.6"}
 

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from copal.paths import PROJECT_ROOT
-from flows.cli import app
+from cli import app
 
 MODEL_DIR = PROJECT_ROOT / "data" / "models" / "smollm2-135m"
 

@@ -38,11 +38,11 @@ def _two_steps(model_dir, corpus_dir, data_dir, root, streaming, **overrides):
     steps = []
     for index in (0, 1):
         record = run.step(index)
-        folder = root / "steps" / str(record["step"])
+        folder = root / "steps" / str(record.step)
         digest = hashlib.sha256()
-        for name in sorted(run.dir.step(record["step"]).mask_names()):
-            digest.update(name.encode() + run.dir.step(record["step"]).mask(name).numpy().tobytes())
-        steps.append({"masks": digest.hexdigest(), "ppl": record["ppl"], "sparsity": record["layer_sparsity"],
+        for name in sorted(run.dir.step(record.step).mask_names()):
+            digest.update(name.encode() + run.dir.step(record.step).mask(name).numpy().tobytes())
+        steps.append({"masks": digest.hexdigest(), "ppl": record.ppl, "sparsity": record.layer_sparsity,
                       "files": tree_digest(folder / "sensitivity") if (folder / "sensitivity").exists() else None})
     return dense, steps
 
@@ -168,7 +168,7 @@ def test_truncated_shard_exits_2(tmp_path, tokenizer_dir, corpus_dir, data_dir):
     from conftest import assert_one_line_error
     from copal.config import build_config
     from copal.continual import ContinualRun
-    from flows.cli import app
+    from cli import app
 
     model_dir = _shard(build_model_dir(tmp_path / "m", "llama", tokenizer_dir), max_shard_size="100KB")
     root = tmp_path / "run"

@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TINY_TASK as TINY, assert_one_line_error, read_json, small_config, write_jsonl
+from cli import app
 from copal.rundir import RunDir
-from flows.cli import app
 
 runner = CliRunner()
 
@@ -103,10 +103,10 @@ def test_run_records_task_accuracies(tiny_task, llama_dir, corpus_dir, tmp_path,
     assert parent[f"dense/task/{TINY}/acc"] == pytest.approx(dense["tasks"][TINY]["acc"])
     for step, summary in zip((1, 2), metrics["steps"]):
         record = run_dir.step(step).record
-        _check_accuracy(record["tasks"], record["task_items"], sha256, count)
-        assert summary["tasks"] == record["tasks"]
+        _check_accuracy(record.tasks, record.task_items, sha256, count)
+        assert summary["tasks"] == record.tasks
         child = client.get_run(tracking["steps"][str(step)]["run_id"]).data
-        for metric, value in record["tasks"][TINY].items():
+        for metric, value in record.tasks[TINY].items():
             assert child.metrics[f"task/{TINY}/{metric}"] == pytest.approx(value)
         assert child.params[f"task_items/{TINY}/sha256"] == sha256
 
@@ -118,7 +118,7 @@ def test_runs_without_tasks_record_no_task_keys(tmp_path):
 
     config = build_config({"model": "m", "domains": ["builtin:docs"]})
     assert config.evaluation.tasks == [] and config.evaluation.task_limit is None
-    assert "dense_tasks" not in summarize(RunDir(tmp_path), config)
+    assert "dense_tasks" not in summarize(RunDir(tmp_path), config).as_json()
 
 
 @pytest.mark.parametrize("task", ["copal_wordnet_define", "copal_fortune_ending"])
