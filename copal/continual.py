@@ -26,6 +26,7 @@ from copal.methods import build_method
 from copal.environment import differences, environment
 from copal.model import (DTYPES, DenseWeights, all_prunable, check_architecture, load_model, load_tokenizer,
                          resolve_device, set_weight_matrix, torch_threads)
+from copal.progress import Progress
 from copal.regimes import REGIMES
 from copal.replay import ReplayResult
 from copal.rundir import RunDir, reconcile, summarize
@@ -35,8 +36,6 @@ from copal.streaming import load_streaming
 from copal.tokens import TextStart
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
 
 
 def _code_revision() -> str:

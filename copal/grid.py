@@ -21,22 +21,25 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from copal.config import (BENCH_CONFIG, METHODS, REGIMES, STRUCTURES, RunConfig, build_config,
+from copal.config import (BENCH_CONFIG, MethodName, RegimeName, RunConfig, StructureName, build_config,
                           format_validation_error, load_raw)
 from copal.errors import InputError
+from copal.masks import STRUCTURES
+from copal.methods import METHODS
+from copal.options import Strict
+from copal.progress import Progress
+from copal.regimes import REGIMES
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
 
 MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
                   "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
-# COPAL variants of METHOD.md, each one change from the default, compared in the
+# COPAL variants of docs/METHOD.md, each one change from the default, compared in the
 # accumulate regime at these sparsities.
 COPAL_VARIANTS = {
     "loss": {"sensitivity": "loss"},
@@ -77,31 +80,27 @@ class Cell:
         return label + (f" ({self.variant})" if self.variant else "")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 Sparsity = Annotated[float, Field(gt=0, lt=1)]
 
 
-class Sweep(_Strict):
+class Sweep(Strict):
     """Unstructured cells at more sparsities: each method × regime here (magnitude: once, as reprune)."""
 
     sparsities: list[Sparsity] = [0.6, 0.7]
-    methods: list[Literal["magnitude", "wanda", "sparsegpt", "copal"]] = ["magnitude", "wanda", "copal"]
-    regimes: list[Literal["sequential", "reprune", "accumulate", "joint"]] = ["sequential", "reprune", "accumulate"]
+    methods: list[MethodName] = ["magnitude", "wanda", "copal"]
+    regimes: list[RegimeName] = ["sequential", "reprune", "accumulate"]
 
 
-class Variants(_Strict):
+class Variants(Strict):
     """COPAL/accumulate with one of COPAL_VARIANTS' changes: unstructured at these
     sparsities, and at these N:M structures (none by default)."""
 
     sparsities: list[Sparsity] = [0.5, 0.7]
-    structures: list[Literal["2:4", "4:8"]] = []
-    names: list[Literal["loss", "raw", "max", "reconstruct"]] = ["loss", "raw", "max"]
+    structures: list[Literal[tuple(s for s in STRUCTURES if s != "unstructured")]] = []
+    names: list[Literal[tuple(COPAL_VARIANTS)]] = ["loss", "raw", "max"]
 
 
-class GridTasks(_Strict):
+class GridTasks(Strict):
     """Downstream accuracy (lm-eval tasks) of the dense model and of the final model of
     these cells; measured once the grid has run, one cell at a time."""
 
@@ -111,7 +110,7 @@ class GridTasks(_Strict):
     include_path: str | None = None
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """What one cell needs: on a cluster, what the runner reserves for it (a cell never
     lands on a worker without it); everywhere, `cpus` is the cell's torch thread count.
 
@@ -126,11 +125,11 @@ class Resources(_Strict):
     gpus: float = Field(0, ge=0)
 
 
-class Grid(_Strict):
+class Grid(Strict):
     """Which cells `copal bench` runs: the `grid:` section of a bench config. The defaults
     are the reference benchmark's grid (configs/bench.yaml has no `grid:` section)."""
 
-    structures: list[Literal["unstructured", "2:4", "4:8"]] = list(STRUCTURES)
+    structures: list[StructureName] = list(STRUCTURES)
     sweep: Sweep = Sweep()
     variants: Variants = Variants()
     tasks: GridTasks = GridTasks()

@@ -12,6 +12,19 @@ import torch
 from copal.errors import InputError
 
 
+# The structures a config may name: unstructured (at any sparsity), or N:M (N of every
+# M consecutive inputs kept, at sparsity 1 - N/M), the patterns sparse tensor cores run.
+STRUCTURES = ("unstructured", "2:4", "4:8")
+
+
+def parse_structure(name: str) -> tuple[int, int] | None:
+    """A structure's (N, M), None for unstructured."""
+    if name == "unstructured":
+        return None
+    n, m = name.split(":")
+    return int(n), int(m)
+
+
 @dataclass(frozen=True)
 class Structure:
     sparsity: float

@@ -19,7 +19,6 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,11 +34,10 @@ from copal.errors import InputError
 from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
                         default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
                         shared_dense)
+from copal.progress import Progress
 from flows.runners import Runner, attached, parse_runner, submit, task_runner
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
 
 
 # ----------------------------------------------------------------------------- MLflow

@@ -12,23 +12,22 @@ set PREFECT_API_URL to use a Prefect server.
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, get_run_logger
 
 from copal.continual import ContinualRun, RunDir
 from copal.errors import InputError
+from copal.progress import Progress
 from tasks import steps
 from tasks.snapshot import revisions
 from tasks.tracking import Tracker
 
 log = logging.getLogger("copal")
 
-# A progress callback (what, done, total), e.g. the command line's display. As a
-# flow parameter it is recorded in Prefect as a placeholder ("<function>"): it is
-# not data, and Prefect stores what it cannot serialise that way.
-Progress = Callable[[str, int, int], None]
+# A flow's progress callback (copal.progress), e.g. the command line's display, is
+# recorded in Prefect as a placeholder ("<function>"): it is not data, and Prefect
+# stores what it cannot serialise that way.
 
 
 def _step(run: ContinualRun, tracker: Tracker, domain_index: int, publishing: list) -> dict:
