@@ -77,7 +77,7 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
     for spec in list(config.domains) + [spec for spec in new_specs if spec not in config.domains]:
         domains.add(spec)
     if config.evaluation.tasks:
-        from copal.tasks import check_tasks
+        from copal.lm_eval_tasks import check_tasks
 
         check_tasks(config.evaluation.tasks, config.evaluation.task_include_path)
 
@@ -171,7 +171,7 @@ class ContinualRun:
 
     def evaluate_tasks(self) -> dict:
         """evaluation.tasks (lm-eval) on the model as it is now: {"tasks", "task_items"}."""
-        from copal.tasks import evaluate_tasks
+        from copal.lm_eval_tasks import evaluate_tasks
 
         ev = self.config.evaluation
         self.progress("evaluate tasks", 0, 1)

@@ -308,7 +308,7 @@ def check_task_cells(tasks: GridTasks, cells: list[Cell]) -> None:
     if tasks.cells and not tasks.names:
         raise InputError("grid.tasks.cells is set but grid.tasks.names is empty")
     if tasks.names:
-        from copal.tasks import check_tasks
+        from copal.lm_eval_tasks import check_tasks
 
         check_tasks(tasks.names, tasks.include_path)
 
@@ -318,7 +318,7 @@ def _accuracy(path: Path, tasks: GridTasks, device: str, load, measure: bool = T
     measure=False: only what is recorded, else None)."""
     from copal.model import resolve_device
     from copal.state import read_json, write_json
-    from copal.tasks import task_accuracy
+    from copal.lm_eval_tasks import task_accuracy
 
     if path.exists():
         recorded = read_json(path, "task accuracies")

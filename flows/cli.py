@@ -440,7 +440,7 @@ def eval(  # noqa: A001 - the command is called eval
         domain = ingest(data)
     names = None
     if tasks is not None:
-        from copal.tasks import check_tasks, evaluate_tasks, parse_task_list
+        from copal.lm_eval_tasks import check_tasks, evaluate_tasks, parse_task_list
 
         names = parse_task_list(tasks)
         check_tasks(names, include_path)

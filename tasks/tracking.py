@@ -211,7 +211,7 @@ class Tracker:
 
 
 def _task_metrics(tasks: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
-    """`task/<task>/<metric>` for each task accuracy (copal.tasks' metric names)."""
+    """`task/<task>/<metric>` for each task accuracy (copal.lm_eval_tasks' metric names)."""
     return {f"{prefix}task/{task}/{metric}": value for task, values in tasks.items()
             for metric, value in values.items()}
 

@@ -103,7 +103,7 @@ def test_lm_eval_gets_the_bos_too(bos_llama_dir, llama_dir, tiny_task, monkeypat
     import lm_eval.models.huggingface as hf
     from transformers import AutoModelForCausalLM
 
-    from copal.tasks import evaluate_tasks
+    from copal.lm_eval_tasks import evaluate_tasks
 
     folder, _, _ = tiny_task
     seen = []
