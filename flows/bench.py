@@ -1,7 +1,7 @@
 """`copal bench` as a Prefect flow: each cell of the grid (copal/grid.py) is a task
 that does one continual run and returns its run directory; each cell is an MLflow
-child run under one parent run for the grid; the report (copal/bench_report.py)
-is written from the cells' directories once they have run.
+child run under one parent run for the grid (tasks/tracking.py's GridTracker); the
+report (copal/bench_report.py) is written from the cells' directories once they have run.
 
 Where the cells run is the flow's task runner (flows/runners.py). Locally, cells run
 alone (the cost cells, and the first cell when nothing tells how much memory a cell
@@ -31,107 +31,14 @@ from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
 from copal.errors import InputError
-from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cell_metrics, cost_cells,
+from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, cost_cells,
                         default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
                         shared_dense)
 from copal.progress import Progress
-from flows.runners import Runner, attached, parse_runner, submit, task_runner
+from flows.runners import attached, parse_runner, submit, task_runner
+from tasks.tracking import GridTracker
 
 log = logging.getLogger("copal")
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-class GridTracker:
-    """One MLflow parent run for the grid and a child run per finished cell (its
-    metrics, read from the cell's metrics.json); ids are kept in OUT/tracking.json,
-    so a resumed grid adds to the same parent and logs each cell once."""
-
-    def __init__(self, out_dir: Path, uri: str | None = None):
-        from copal.state import read_json
-        from tasks.tracking import tracking_uri
-
-        self.file = Path(out_dir) / "tracking.json"
-        self.out_dir = Path(out_dir)
-        self.state = read_json(self.file, "tracking record") if self.file.exists() else {}
-        recorded = self.state.get("tracking_uri")
-        if uri and recorded not in (None, uri):
-            raise InputError(f"{out_dir}: this grid is recorded in MLflow at {recorded}, not {uri}")
-        self.uri = recorded or tracking_uri(uri)
-
-    def _save(self) -> None:
-        from copal.state import write_json
-
-        write_json(self.file, self.state)
-
-    @property
-    def parent(self) -> str | None:
-        return self.state.get("parent_run_id")
-
-    def cells(self) -> dict[str, str]:
-        return self.state.get("cells", {})
-
-    def ensure_parent(self, base: RunConfig, quick: bool) -> str:
-        if self.parent:
-            return self.parent
-        from tasks.tracking import _client, _experiment_id, _params, store_lock
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            experiment_id = _experiment_id(client, self.uri)
-            run = client.create_run(experiment_id, run_name=f"bench {self.out_dir.resolve().name}",
-                                    tags={"copal.bench_dir": str(self.out_dir.resolve()),
-                                          "copal.quick": str(quick).lower()})
-            client.log_batch(run.info.run_id, params=_params(base.model_dump()))
-        self.state = {"tracking_uri": self.uri, "experiment_id": experiment_id,
-                      "parent_run_id": run.info.run_id, "cells": {}}
-        self._save()
-        return run.info.run_id
-
-    def log_cell(self, cell: Cell, runner: Runner) -> str:
-        """The cell's child run (idempotent): params, final metrics, per-step timings, metrics.json."""
-        if cell.id in self.cells():
-            return self.cells()[cell.id]
-        from mlflow.entities import Metric, Param
-
-        from tasks.tracking import _client, store_lock
-
-        metrics = cell_metrics(self.out_dir, cell)
-        params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
-                  "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
-        values = [Metric("avg_ppl", float(metrics["avg_ppl"]), 0, 0)]
-        if metrics.get("bwt") is not None:
-            values.append(Metric("bwt", float(metrics["bwt"]), 0, 0))
-        for domain, ppl in zip(metrics["domains"], metrics["ppl"][-1]):
-            if ppl is not None:
-                values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
-        for index, step in enumerate(metrics["steps"]):
-            values += [Metric(key, float(step[key]), 0, index) for key in ("seconds", "prune_seconds", "peak_rss_mb")]
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            run = client.create_run(self.state["experiment_id"], run_name=cell.id,
-                                    tags={"mlflow.parentRunId": self.parent, "copal.cell": cell.id,
-                                          "copal.run_dir": str(cell_dir(self.out_dir, cell).resolve())})
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=values)
-            client.log_artifact(run.info.run_id, str(cell_dir(self.out_dir, cell) / "metrics.json"))
-            client.set_terminated(run.info.run_id)
-        self.state.setdefault("cells", {})[cell.id] = run.info.run_id
-        self._save()
-        return run.info.run_id
-
-    def finish(self, files: list[Path], failed: bool) -> None:
-        from tasks.tracking import _client, store_lock
-
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            for file in files:
-                client.log_artifact(self.parent, str(file))
-            client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
-
-
-# ----------------------------------------------------------------------------- the flow
 
 
 # The task's and the flow's functions only call module functions: Ray Client pickles them
