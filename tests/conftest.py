@@ -268,7 +268,7 @@ class LocalCluster:
         self._address = None
 
     def address(self) -> str:
-        from flows.local_cluster import answers
+        from local_cluster import answers
 
         if self._address is not None and not answers(self._address):
             self.stop()
@@ -285,7 +285,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def _ray_cluster():
-    from flows.local_cluster import ray_head
+    from local_cluster import ray_head
 
     cluster = LocalCluster(lambda: ray_head(cpus=2))
     yield cluster
@@ -302,7 +302,7 @@ def ray_head(_ray_cluster):
 def _dask_cluster(prefect_api):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.local_cluster import dask_cluster
+    from local_cluster import dask_cluster
 
     cluster = LocalCluster(lambda: dask_cluster(cpus=2, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}))
     yield cluster
