@@ -155,7 +155,9 @@ def measure_orchestration(model_dir: str, args, scratch: Path) -> dict:
     the rest of the flow's wall time is orchestration."""
     import shutil
 
-    import flows.continual  # noqa: F401 - the project's Prefect settings
+    from flows.api import prefect_settings
+
+    prefect_settings()  # as the command line's main does, before Prefect is imported
     from prefect.server.api.server import SubprocessASGIServer
 
     from tasks.tracking import copal_experiment, mlflow_client, tracking_uri

@@ -288,12 +288,11 @@ def shared_dense(out_dir: Path, cells: list[Cell], base: RunConfig, fingerprints
 def run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int | None,
              progress: Progress | None = None, known_dense: dict | None = None) -> Path:
     """One cell, to the end of its domain sequence (resuming what is recorded), in this
-    process with `threads` torch threads (None: as the process has them); its directory."""
+    process with `threads` torch threads (None: as the process has them); its directory.
+    The process's allocator settings are its entry point's (flows/bench.py's cell task)."""
     from copal.continual import ContinualRun
-    from copal.allocator import limit_allocator_fragmentation
     from copal.model import torch_threads
 
-    limit_allocator_fragmentation()
     with torch_threads(threads):  # restored: a cell may run in the caller's process
         ContinualRun(config, root, progress=progress, data_dir=data_dir, known_dense=known_dense).run()
     return Path(root)

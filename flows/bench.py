@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from copal.allocator import limit_allocator_fragmentation
 from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
@@ -35,6 +35,7 @@ from copal.grid import (Cell, Grid, available_memory_mb, cell_config, cell_dir, 
                         default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan, run_cell,
                         shared_dense)
 from copal.progress import Progress
+from flows.api import TemporaryApi
 from flows.runners import attached, parse_runner, submit, task_runner
 from tasks.tracking import GridTracker
 
@@ -64,6 +65,7 @@ def _cell(config: RunConfig, root: str, data_dir: str | None, threads: int | Non
         return str(pool.submit(run_cell, config, Path(root), data, threads, None, known_dense).result())
     if workdir and os.getcwd() != workdir and Path(workdir).is_dir():
         os.chdir(workdir)
+    limit_allocator_fragmentation()  # a Ray/Dask worker's process prunes too (the command line's has it)
     return str(run_cell(config, Path(root), data, threads, progress, known_dense))
 
 
@@ -170,7 +172,8 @@ def _grid(base: RunConfig, grid: Grid, cells: list[Cell], out_dir: Path, runner:
         return failures
     import multiprocessing
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=limit_allocator_fragmentation) as pool:
         futures = {submit_cell(cell, threads, pool): cell for cell in pending}
         for future in as_completed(list(futures)):
             finished(futures[future], future)
@@ -207,7 +210,7 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         data_dir = arrow_dir(data_dir).resolve()
     GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
     with attached(where, grid.resources):  # an impossible request fails here, before the flow starts
-        (api or flows.api.TemporaryApi()).ready()
+        (api or TemporaryApi()).ready()
         failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
             base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick,
             # On a cluster prefect-ray pickles the flow run's context, parameters included, with

@@ -605,8 +605,10 @@ def bench(
 
 def main() -> None:
     from copal.allocator import limit_allocator_fragmentation
+    from flows.api import prefect_settings
 
     limit_allocator_fragmentation()
+    prefect_settings()
     app(prog_name="copal")
 
 

@@ -13,7 +13,6 @@ set PREFECT_API_URL to use a Prefect server.
 import logging
 from pathlib import Path
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, get_run_logger
 
 from copal.continual import ContinualRun, RunDir

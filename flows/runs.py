@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed

@@ -16,6 +16,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+from flows.api import prefect_settings  # noqa: E402
+
+# The test session is an entry point, as the command line's main is: the project's
+# Prefect settings before any test module imports Prefect (tests call flows and the
+# CLI's app directly, not main).
+prefect_settings()
+
 
 def _real_text(modules) -> str:
     """Real prose and code nobody on this project wrote: stdlib sources."""
