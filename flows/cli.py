@@ -423,7 +423,8 @@ def eval(  # noqa: A001 - the command is called eval
 
     --data: {"ppl", "tokens"}; --tasks: {"tasks": {NAME: {METRIC: value}}, "task_items": {NAME: {"items",
     "sha256"}}}; both: both in one object."""
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
     from copal.metrics import perplexity
     from copal.model import load_model, resolve_device
 

@@ -107,7 +107,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
     """The next domain a scheduled run should take: the first file or folder of
     `queue` (in name order) not yet stepped on in HEAD's lineage, else the first
     configured domain not yet stepped on; None when there is nothing left."""
-    from copal.data import parse_source
+    from copal.sources import parse_source
 
     directory = RunDir(run_dir).require()
     config, _ = directory.read_config()

@@ -284,7 +284,7 @@ def test_cache_paths_come_from_a_digest_inside_the_cache(tmp_path, corpus_dir):
 
 
 def test_hints_show_valid_names(tmp_path, corpus_dir):
-    from copal.data import parse_source
+    from copal.sources import parse_source
     from copal.domains import RunDomains
     from copal.tokens import TextStart
 
