@@ -1,11 +1,11 @@
 """Prefect's API for a command's flows, started off the critical path.
 
 Without PREFECT_API_URL, Prefect starts a temporary API server in a
-subprocess the first time a flow needs it and waits for it to answer: 6-13 s
-on a 2-core machine (measured in benchmarks/pass_speed.py), idle on the step's
-critical path. `TemporaryApi` starts that same server in a thread as soon as
-a command knows it will run a flow, so it boots while the command checks its
-inputs and imports the pipeline; `ready()` joins it before the flow starts
+subprocess the first time a flow needs it and waits for it to answer: seconds
+idle on the step's critical path (docs/DESIGN-NOTES.md, "Process-wide settings").
+`TemporaryApi` starts that same server in a thread as soon as a command knows it
+will run a flow, so it boots while the command checks its inputs and imports the
+pipeline; `ready()` joins it before the flow starts
 (Prefect then finds it running and reuses it). With PREFECT_API_URL set — the
 production setting — there is nothing to start.
 
