@@ -12,6 +12,7 @@ from copal.masks import STRUCTURES, parse_structure
 from copal.methods import METHODS
 from copal.methods.copal import CopalOptions
 from copal.methods.sparsegpt import SparseGPTOptions
+from copal.model import DTYPES
 from copal.names import NAME_RULE, is_safe_name
 from copal.options import Strict
 from copal.paths import shipped
@@ -19,12 +20,13 @@ from copal.regimes import REGIMES
 from copal.state import CODECS
 
 # The choices a config offers are the registries' names, in their order (which is also
-# the order pydantic lists them in an error): adding a method, regime, structure or
-# state format there offers it here.
+# the order pydantic lists them in an error): adding a method, regime, structure, state
+# format or dtype there offers it here.
 MethodName = Literal[tuple(METHODS)]
 RegimeName = Literal[tuple(REGIMES)]
 StructureName = Literal[STRUCTURES]
 StateFormat = Literal[tuple(CODECS)]
+DtypeName = Literal[tuple(DTYPES)]
 
 DEMO_CONFIG = shipped("configs/demo.yaml")
 BENCH_CONFIG = shipped("configs/bench.yaml")
@@ -75,7 +77,7 @@ class RunConfig(Strict):
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     trust_remote_code: bool = False
     copal: CopalOptions = CopalOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
