@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError
 from copal.config import (BENCH_CONFIG, MethodName, RegimeName, RunConfig, StructureName, build_config,
                           format_validation_error, load_raw)
 from copal.errors import InputError
-from copal.masks import STRUCTURES
+from copal.masks import STRUCTURES, parse_structure
 from copal.methods import METHODS
 from copal.options import Strict
 from copal.progress import Progress
@@ -81,6 +81,7 @@ class Cell:
 
 
 Sparsity = Annotated[float, Field(gt=0, lt=1)]
+NMStructure = Literal[tuple(name for name in STRUCTURES if parse_structure(name))]
 
 
 class Sweep(Strict):
@@ -96,7 +97,7 @@ class Variants(Strict):
     sparsities, and at these N:M structures (none by default)."""
 
     sparsities: list[Sparsity] = [0.5, 0.7]
-    structures: list[Literal[tuple(s for s in STRUCTURES if s != "unstructured")]] = []
+    structures: list[NMStructure] = []
     names: list[Literal[tuple(COPAL_VARIANTS)]] = ["loss", "raw", "max"]
 
 

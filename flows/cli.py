@@ -424,9 +424,9 @@ def eval(  # noqa: A001 - the command is called eval
     --data: {"ppl", "tokens"}; --tasks: {"tasks": {NAME: {METRIC: value}}, "task_items": {NAME: {"items",
     "sha256"}}}; both: both in one object."""
     from copal.data import ingest
-    from copal.windows import evaluation_windows
     from copal.metrics import perplexity
     from copal.model import load_model, resolve_device
+    from copal.windows import evaluation_windows
 
     _setup_logging(False)
     if include_path is not None and tasks is None:
