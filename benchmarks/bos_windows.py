@@ -5,7 +5,7 @@ a variant of its tokenizer that starts every text with `<|endoftext|>` (its
 document separator) by a template post-processor, as Llama-2's and Gemma's
 tokenizers start theirs with BOS. Measured on one builtin domain's evaluation part:
 
-* copal: `copal.data.evaluation_windows` + `copal.metrics.perplexity` (what
+* copal: `copal.windows.evaluation_windows` + `copal.metrics.perplexity` (what
   `copal eval`, a run's evaluation and a replay use): every window the BOS and
   seqlen - 1 text tokens, the text tokens scored;
 * independent: plain transformers, written from the convention alone (tokenise
@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from copal import splits
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
     from copal.metrics import perplexity
     from copal.model import load_model
     from copal.tokens import text_start

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from copal.calibrate import BlockStatistics
-from copal.data import evaluation_windows, ingest
+from copal.data import ingest
+from copal.windows import evaluation_windows
 from copal.export import load_step_model
 from copal.methods import Hessian
 from copal.model import all_prunable, load_model, weight_matrix

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from copal.calibrate import BlockStatistics
-from copal.data import calibration_samples, ingest
+from copal.data import ingest
+from copal.windows import calibration_samples
 from copal.methods import InputEnergy
 from copal.model import all_prunable, load_model
 

@@ -160,15 +160,17 @@ def measure_orchestration(model_dir: str, args, scratch: Path) -> dict:
     the rest of the flow's wall time is orchestration."""
     import shutil
 
-    import flows.continual  # noqa: F401 - the project's Prefect settings
+    from flows.api import prefect_settings
+
+    prefect_settings()  # as the command line's main does, before Prefect is imported
     from prefect.server.api.server import SubprocessASGIServer
 
-    from tasks.tracking import _client, _experiment_id, tracking_uri
+    from tasks.tracking import copal_experiment, mlflow_client, tracking_uri
 
     start = time.perf_counter()
     SubprocessASGIServer().start()  # what a flow would start; `copal run` boots it during preflight
     api_boot = time.perf_counter() - start
-    _experiment_id(_client(tracking_uri()), tracking_uri())  # a store in use, not a new one
+    copal_experiment(mlflow_client(tracking_uri()), tracking_uri())  # a store in use, not a new one
 
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

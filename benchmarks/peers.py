@@ -5,7 +5,7 @@ The peer tool, llm-compressor, runs in a venv of its own
 transformers older than the project's); this script runs in the project's
 .venv and starts every pruning run as a fresh subprocess:
 
-1. **windows**: copal's calibration windows (`copal.data.calibration_samples`
+1. **windows**: copal's calibration windows (`copal.windows.calibration_samples`
    on builtin:docs, nsamples × seqlen, seed 0) go to SCRATCH/windows.json.
 2. **prune**, one subprocess per case, each timed inside itself around its
    pruning call only (process CPU seconds, wall seconds) with the process's
@@ -23,7 +23,7 @@ transformers older than the project's); this script runs in the project's
    Each saves its pruned model as dense safetensors under SCRATCH/models/.
 3. **evaluate** every saved model (and the dense one) with copal's PPL
    protocol (what `copal eval` does: `copal.model.load_model`,
-   `copal.data.evaluation_windows(seqlen, max_tokens)`, `copal.metrics.perplexity`)
+   `copal.windows.evaluation_windows(seqlen, max_tokens)`, `copal.metrics.perplexity`)
    on the five builtin domains, here in the project's venv for both tools.
 4. **masks**: per layer, the fraction of weights whose zero pattern agrees
    between copal's and llm-compressor's model for the same method and
@@ -102,7 +102,8 @@ def code_state() -> dict:
 
 
 def write_windows(path: Path, nsamples: int, seqlen: int, seed: int) -> dict:
-    from copal.data import calibration_samples, ingest
+    from copal.data import ingest
+    from copal.windows import calibration_samples
     from copal.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(ROOT / MODEL))
@@ -222,7 +223,8 @@ def evaluate(model_dir: Path, args, cache: Path) -> dict:
         saved = json.loads(cache.read_text())
         if saved.get("eval_tokens") == args.eval_tokens and saved.get("model_mtime") == _mtime(model_dir):
             return saved["ppl"]
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
     from copal.metrics import perplexity
     from copal.model import load_model, resolve_device
 

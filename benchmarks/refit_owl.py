@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from copal import metrics  # noqa: E402
 from copal.calibrate import prune_layerwise  # noqa: E402
-from copal.data import calibration_samples, evaluation_windows, ingest  # noqa: E402
+from copal.data import ingest  # noqa: E402
+from copal.windows import calibration_samples, evaluation_windows  # noqa: E402
 from copal.masks import Structure, select_mask  # noqa: E402
 from copal.methods import Hessian  # noqa: E402
 from copal.methods.sparsegpt import sparsegpt_prune  # noqa: E402

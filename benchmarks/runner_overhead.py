@@ -28,10 +28,10 @@ from urllib.request import urlopen
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the test harness's local clusters
 
 from copal.records import RunMetrics  # noqa: E402
-from flows.local_cluster import dask_cluster, free_port, ray_head, stop  # noqa: E402
+from local_cluster import dask_cluster, free_port, ray_head, stop  # noqa: E402
 
 CELLS = ["wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
          "copal-sequential-u50", "copal-reprune-u50", "copal-accumulate-u50"]

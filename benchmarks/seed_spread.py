@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from copal import grid as bench
+from copal.allocator import limit_allocator_fragmentation
 from copal.config import BENCH_CONFIG, load_config
 
 DEFAULT_CELLS = ("copal-accumulate-u50", "wanda-accumulate-u50", "sparsegpt-accumulate-u50", "wanda-reprune-u50",
@@ -31,6 +32,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid", type=Path, default=Path("reports"), help="the grid's output folder (seed 0)")
     parser.add_argument("--out", type=Path, default=Path("reports/seed_spread.json"))
     args = parser.parse_args(argv)
+    limit_allocator_fragmentation()  # as `copal bench`'s cells have it
     by_id = {cell.id: cell for cell in bench.full_grid()}
     unknown = [name for name in args.cells if name not in by_id]
     if unknown:

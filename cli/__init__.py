@@ -18,6 +18,8 @@ from cli.app import app
 def main() -> None:
     """The `copal` entry point."""
     from copal.allocator import limit_allocator_fragmentation
+    from flows.api import prefect_settings
 
     limit_allocator_fragmentation()
+    prefect_settings()
     app(prog_name="copal")

@@ -34,9 +34,10 @@ def eval(  # noqa: A001 - the command is called eval
 
     --data: {"ppl", "tokens"}; --tasks: {"tasks": {NAME: {METRIC: value}}, "task_items": {NAME: {"items",
     "sha256"}}}; both: both in one object."""
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
     from copal.metrics import perplexity
     from copal.model import load_model, resolve_device
+    from copal.windows import evaluation_windows
 
     setup_logging(False)
     if include_path is not None and tasks is None:
@@ -51,7 +52,7 @@ def eval(  # noqa: A001 - the command is called eval
         domain = ingest(data)
     names = None
     if tasks is not None:
-        from copal.tasks import check_tasks, evaluate_tasks, parse_task_list
+        from copal.lm_eval_tasks import check_tasks, evaluate_tasks, parse_task_list
 
         names = parse_task_list(tasks)
         check_tasks(names, include_path)

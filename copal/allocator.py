@@ -8,9 +8,9 @@ def limit_allocator_fragmentation() -> None:
     Pruning frees and reallocates many multi-megabyte tensors; with glibc's
     defaults (an arena per thread, a threshold that grows with every freed
     block) the freed memory stays in the heap and peak RSS grows by about the
-    model's size again (measured: 1130 → 823 MB on benchmarks/memory_step.py).
-    A no-op where glibc is not the allocator. Call once, early, in a process
-    that prunes (the command line does)."""
+    model's size again (docs/DESIGN-NOTES.md, "Process-wide settings"). A no-op
+    where glibc is not the allocator. Call once, early, from the entry point of
+    a process that prunes (the command line's main, the bench cell task)."""
     import ctypes
     import ctypes.util
 

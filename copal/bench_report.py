@@ -7,9 +7,12 @@ from typing import NamedTuple
 
 from copal import plots
 from copal.atomic import write_atomic
-from copal.config import METHODS, REGIMES, STRUCTURES, RunConfig
+from copal.config import RunConfig
 from copal.records import BenchCell, BenchNotes, BenchSetup, BenchSummary, DenseRow
 from copal.grid import MAGNITUDE_NOTE, VARIANT_NOTES, Cell, cell_config, cell_metrics, cost_cells, is_finished
+from copal.masks import STRUCTURES
+from copal.methods import METHODS
+from copal.regimes import REGIMES
 
 KEY_CELLS = ("copal-accumulate-u50", "wanda-sequential-u50", "wanda-reprune-u50", "wanda-accumulate-u50",
              "sparsegpt-accumulate-u50", "copal-accumulate-u70", "wanda-sequential-u70", "wanda-reprune-u70")
@@ -285,8 +288,8 @@ def write_plots(summary: BenchSummary, out_dir: Path) -> list[Path]:
     half = [c for c in summary.cells if c.sparsity == 0.5 and not c.variant]
     if not half:
         return written
-    groups = list(dict.fromkeys(c.label for c in sorted(half, key=lambda c: (METHODS.index(c.method),
-                                                                                REGIMES.index(c.regime)))))
+    groups = list(dict.fromkeys(c.label for c in sorted(half, key=lambda c: (list(METHODS).index(c.method),
+                                                                                list(REGIMES).index(c.regime)))))
     structures = [s for s in STRUCTURES if any(c.structure == s for c in half)]
     lookup = {(c.label, c.structure): c for c in half}
 

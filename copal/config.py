@@ -5,33 +5,41 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from copal.errors import InputError
+from copal.masks import STRUCTURES, parse_structure
+from copal.methods import METHODS
+from copal.methods.copal import CopalOptions
+from copal.methods.sparsegpt import SparseGPTOptions
+from copal.model import DTYPES
 from copal.names import NAME_RULE, is_safe_name
+from copal.options import Strict
 from copal.paths import shipped
+from copal.regimes import REGIMES
+from copal.codecs import CODECS
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "copal")
-REGIMES = ("sequential", "reprune", "accumulate", "joint")
-STRUCTURES = ("unstructured", "2:4", "4:8")
+# The choices a config offers are the registries' names, in their order (which is also
+# the order pydantic lists them in an error): adding a method, regime, structure, state
+# format or dtype there offers it here.
+MethodName = Literal[tuple(METHODS)]
+RegimeName = Literal[tuple(REGIMES)]
+StructureName = Literal[STRUCTURES]
+StateFormat = Literal[tuple(CODECS)]
+DtypeName = Literal[tuple(DTYPES)]
 
 DEMO_CONFIG = shipped("configs/demo.yaml")
 BENCH_CONFIG = shipped("configs/bench.yaml")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Calibration(_Strict):
+class Calibration(Strict):
     nsamples: int = Field(64, gt=0, description="calibration sequences per domain")
     seqlen: int = Field(256, gt=1, description="tokens per calibration sequence")
     seed: int = 0
     batch_size: int = Field(8, gt=0, description="sequences per forward pass")
 
 
-class Evaluation(_Strict):
+class Evaluation(Strict):
     seqlen: int = Field(256, gt=1)
     max_tokens: int = Field(65536, gt=1, description="evaluation tokens per domain (a prefix)")
     batch_size: int = Field(8, gt=0)
@@ -39,63 +47,37 @@ class Evaluation(_Strict):
     # PPL matrix's lower triangle, all that BWT and average PPL use); "all" also
     # measures the domains still to come.
     domains: Literal["all", "seen"] = "all"
-    # lm-evaluation-harness tasks (copal.tasks) measured after each step and on the
+    # lm-evaluation-harness tasks (copal.lm_eval_tasks) measured after each step and on the
     # dense model; empty: perplexity only. task_limit: the first N items of each.
     tasks: list[str] = []
     task_limit: int | None = Field(None, gt=0)
     task_include_path: str | None = Field(None, description="a folder of task YAMLs (lm-eval's include path)")
 
 
-class CopalOptions(_Strict):
-    """The COPAL variants of METHOD.md; the defaults are the measured best."""
-
-    sensitivity: Literal["output", "loss"] = "output"
-    normalize: bool = True
-    reduce: Literal["sum", "max"] = "sum"
-    # METHOD.md's `reconstruct`: COPAL's mask, then SparseGPT's OBS update of the
-    # kept weights from the accumulated Hessian (sparsegpt's blocksize and dampening).
-    reconstruct: bool = False
-
-    @model_validator(mode="after")
-    def _reconstruct_needs_layer_statistics(self) -> "CopalOptions":
-        if self.reconstruct and self.sensitivity == "loss":
-            raise ValueError("reconstruct accumulates each layer's Hessian in the layer-wise pass; "
-                             "it needs sensitivity: output")
-        if self.reconstruct and self.reduce == "max":
-            raise ValueError("reconstruct sums Hessians over domains (an elementwise max of Hessians is not one); "
-                             "it needs reduce: sum")
-        return self
-
-
-class SparseGPTOptions(_Strict):
-    blocksize: int = Field(128, gt=0)
-    dampening: float = Field(0.01, gt=0)
-
-
-class StateOptions(_Strict):
-    """How a step stores the accumulate regime's statistic (copal.codecs.CODECS):
+class StateOptions(Strict):
+    """How a step stores the accumulate regime's statistic (a name of copal.codecs.CODECS):
     `log6L` (default), C ≈ row × column × one of 6 levels per weight (8/3 bits),
     with the bit-packed mask ≈ 0.235× the fp16 bytes of the prunable weights;
     `log8`/`log4`/`log3` the same with 2^8/16/8 levels; `bfloat16`; `float32`
     (2.06×, what runs stored before). Applies to a lineage's first step: later
     steps keep their parent's format (docs/DESIGN-NOTES.md)."""
 
-    format: Literal["float32", "bfloat16", "log8", "log4", "log3", "log6L"] = "log6L"
+    format: StateFormat = "log6L"
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = "run"
     model: str
     domains: list[str] = Field(min_length=1)
-    method: Literal["magnitude", "wanda", "sparsegpt", "copal"] = "copal"
-    regime: Literal["sequential", "reprune", "accumulate", "joint"] = "accumulate"
-    structure: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    method: MethodName = "copal"
+    regime: RegimeName = "accumulate"
+    structure: StructureName = "unstructured"
     sparsity: float = 0.5
     mask_scope: Literal["row", "layer"] = "row"
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     trust_remote_code: bool = False
     copal: CopalOptions = CopalOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
@@ -128,8 +110,9 @@ class RunConfig(_Strict):
         """SparseGPT chooses N:M groups inside a block: a block that is not a whole
         number of groups would split a group across two blocks and break the pattern."""
         structure = info.data.get("structure", "unstructured")
-        if structure != "unstructured":
-            m = int(structure.split(":")[1])
+        n_m = parse_structure(structure)
+        if n_m is not None:
+            m = n_m[1]
             if value.blocksize % m:
                 raise ValueError(f"blocksize {value.blocksize} is not a multiple of {m}: structure {structure} "
                                  f"needs whole groups of {m} columns in each block")
@@ -148,10 +131,7 @@ class RunConfig(_Strict):
 
     @property
     def n_m(self) -> tuple[int, int] | None:
-        if self.structure == "unstructured":
-            return None
-        n, m = self.structure.split(":")
-        return int(n), int(m)
+        return parse_structure(self.structure)
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

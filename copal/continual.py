@@ -17,7 +17,8 @@ from copal.model import check_architecture, load_tokenizer
 from copal.records import RunMetrics, StepRecord
 from copal.replay import ReplayResult, replay_step
 from copal.rundir import RunDir, reconcile
-from copal.session import Progress, RunSession
+from copal.progress import Progress
+from copal.session import RunSession
 
 log = logging.getLogger("copal")
 
@@ -37,7 +38,7 @@ def preflight(config: RunConfig, root: Path, new_specs: tuple[str, ...] = (), da
     for spec in list(config.domains) + [spec for spec in new_specs if spec not in config.domains]:
         domains.add(spec)
     if config.evaluation.tasks:
-        from copal.tasks import check_tasks
+        from copal.lm_eval_tasks import check_tasks
 
         check_tasks(config.evaluation.tasks, config.evaluation.task_include_path)
 

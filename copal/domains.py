@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from copal.config import RunConfig
-from copal.data import Domain, calibration_samples, evaluation_windows, ingest, parse_source
+from copal.data import Domain, ingest
+from copal.sources import parse_source
+from copal.windows import calibration_samples, evaluation_windows
 from copal.errors import InputError
 from copal.names import safe_example
 from copal.tokens import TextStart, text_start

@@ -58,7 +58,7 @@ class Evaluator:
 
     def tasks(self) -> dict:
         """evaluation.tasks (lm-eval) on the model as it is now: {"tasks", "task_items"}."""
-        from copal.tasks import evaluate_tasks
+        from copal.lm_eval_tasks import evaluate_tasks
 
         session = self.session
         ev = session.config.evaluation

@@ -113,45 +113,69 @@ def import_gguf(gguf: Path, out: Path, dtype: str = "float32") -> dict:
     architecture = metadata["general.architecture"]
     gguf_config(gguf, architecture)
 
-    from importlib.metadata import version
-
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     log.info("importing %s (%s, %.1f MB)", gguf, architecture, gguf.stat().st_size / 1e6)
-    source = {
+    source = _source_record(gguf, metadata, dtype)
+    model = _dequantized_model(gguf, dtype)
+    log.info("building the tokenizer from the GGUF's metadata")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _write_model_dir(out, model, tokenizer, source)
+    return {**source, "architectures": model.config.architectures,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "bytes_written": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _source_record(gguf: Path, metadata: dict, dtype: str) -> dict:
+    """What SOURCE_FILE records of the import: the GGUF file, its model and the converters' versions."""
+    from importlib.metadata import version
+
+    import transformers
+
+    return {
         "file": gguf.name,
         "sha256": sha256_file(gguf),
         "bytes": gguf.stat().st_size,
-        "architecture": architecture,
+        "architecture": metadata["general.architecture"],
         "name": metadata.get("general.name"),
         "dtype": dtype,
         "transformers": transformers.__version__,
         "gguf": version("gguf"),
     }
+
+
+def _dequantized_model(gguf: Path, dtype: str):
+    """The GGUF's model un-quantised to `dtype` by transformers' GGUF loader, moved into a
+    model built from a clean config: no quantization_config, and no general.name (kept
+    in SOURCE_FILE) as its name or path, so the saved directory is an ordinary HF model."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
     log.info("un-quantising the weights to %s (transformers' GGUF loader; slow for big files)", dtype)
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=DTYPES[dtype],
         quantization_config=GgufConfig(dequantize=True),
     )
     config = copy.deepcopy(loaded.config)
-    for attribute in ("quantization_config", "_model_name_or_path"):  # the latter: general.name, kept in SOURCE_FILE
+    for attribute in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, attribute):
             delattr(config, attribute)
     config.dtype = DTYPES[dtype]
     fresh = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     fresh.load_state_dict(loaded.state_dict(), strict=True)
     fresh.generation_config = loaded.generation_config
-    del loaded
-    log.info("building the tokenizer from the GGUF's metadata")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return fresh
 
+
+def _write_model_dir(out: Path, model, tokenizer, source: dict) -> None:
+    """Model, tokenizer and SOURCE_FILE into `out`, all or nothing: written into a
+    partial folder beside it that replaces `out` (empty, checked before) at the end."""
     partial = out.with_name(f".{out.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)  # left by an import that crashed
     try:
-        fresh.save_pretrained(partial, safe_serialization=True)
+        model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         (partial / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
         _readable_like_new_files(partial)
@@ -161,7 +185,3 @@ def import_gguf(gguf: Path, out: Path, dtype: str = "float32") -> dict:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return {**source, "architectures": config.architectures,
-            "parameters": sum(p.numel() for p in fresh.parameters()),
-            "bytes_written": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-            "seconds": round(time.perf_counter() - started, 1)}

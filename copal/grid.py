@@ -21,23 +21,26 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from copal.config import (BENCH_CONFIG, METHODS, REGIMES, STRUCTURES, RunConfig, build_config,
+from copal.config import (BENCH_CONFIG, MethodName, RegimeName, RunConfig, StructureName, build_config,
                           format_validation_error, load_raw)
 from copal.errors import InputError
+from copal.masks import STRUCTURES, parse_structure
+from copal.methods import METHODS
+from copal.options import Strict
+from copal.progress import Progress
 from copal.records import BenchAccuracy, RunMetrics, TaskSetup
+from copal.regimes import REGIMES
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
 
 MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
                   "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
-# COPAL variants of METHOD.md, each one change from the default, compared in the
+# COPAL variants of docs/METHOD.md, each one change from the default, compared in the
 # accumulate regime at these sparsities.
 COPAL_VARIANTS = {
     "loss": {"sensitivity": "loss"},
@@ -78,31 +81,28 @@ class Cell:
         return label + (f" ({self.variant})" if self.variant else "")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 Sparsity = Annotated[float, Field(gt=0, lt=1)]
+NMStructure = Literal[tuple(name for name in STRUCTURES if parse_structure(name))]
 
 
-class Sweep(_Strict):
+class Sweep(Strict):
     """Unstructured cells at more sparsities: each method × regime here (magnitude: once, as reprune)."""
 
     sparsities: list[Sparsity] = [0.6, 0.7]
-    methods: list[Literal["magnitude", "wanda", "sparsegpt", "copal"]] = ["magnitude", "wanda", "copal"]
-    regimes: list[Literal["sequential", "reprune", "accumulate", "joint"]] = ["sequential", "reprune", "accumulate"]
+    methods: list[MethodName] = ["magnitude", "wanda", "copal"]
+    regimes: list[RegimeName] = ["sequential", "reprune", "accumulate"]
 
 
-class Variants(_Strict):
+class Variants(Strict):
     """COPAL/accumulate with one of COPAL_VARIANTS' changes: unstructured at these
     sparsities, and at these N:M structures (none by default)."""
 
     sparsities: list[Sparsity] = [0.5, 0.7]
-    structures: list[Literal["2:4", "4:8"]] = []
-    names: list[Literal["loss", "raw", "max", "reconstruct"]] = ["loss", "raw", "max"]
+    structures: list[NMStructure] = []
+    names: list[Literal[tuple(COPAL_VARIANTS)]] = ["loss", "raw", "max"]
 
 
-class GridTasks(_Strict):
+class GridTasks(Strict):
     """Downstream accuracy (lm-eval tasks) of the dense model and of the final model of
     these cells; measured once the grid has run, one cell at a time."""
 
@@ -112,7 +112,7 @@ class GridTasks(_Strict):
     include_path: str | None = None
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """What one cell needs: on a cluster, what the runner reserves for it (a cell never
     lands on a worker without it); everywhere, `cpus` is the cell's torch thread count.
 
@@ -127,11 +127,11 @@ class Resources(_Strict):
     gpus: float = Field(0, ge=0)
 
 
-class Grid(_Strict):
+class Grid(Strict):
     """Which cells `copal bench` runs: the `grid:` section of a bench config. The defaults
     are the reference benchmark's grid (configs/bench.yaml has no `grid:` section)."""
 
-    structures: list[Literal["unstructured", "2:4", "4:8"]] = list(STRUCTURES)
+    structures: list[StructureName] = list(STRUCTURES)
     sweep: Sweep = Sweep()
     variants: Variants = Variants()
     tasks: GridTasks = GridTasks()
@@ -294,12 +294,11 @@ def shared_dense(out_dir: Path, cells: list[Cell], base: RunConfig, fingerprints
 def run_cell(config: RunConfig, root: Path, data_dir: Path | None, threads: int | None,
              progress: Progress | None = None, known_dense: dict | None = None) -> Path:
     """One cell, to the end of its domain sequence (resuming what is recorded), in this
-    process with `threads` torch threads (None: as the process has them); its directory."""
+    process with `threads` torch threads (None: as the process has them); its directory.
+    The process's allocator settings are its entry point's (flows/bench.py's cell task)."""
     from copal.continual import ContinualRun
-    from copal.allocator import limit_allocator_fragmentation
     from copal.model import torch_threads
 
-    limit_allocator_fragmentation()
     with torch_threads(threads):  # restored: a cell may run in the caller's process
         ContinualRun(config, root, progress=progress, data_dir=data_dir, known_dense=known_dense).run()
     return Path(root)
@@ -314,7 +313,7 @@ def check_task_cells(tasks: GridTasks, cells: list[Cell]) -> None:
     if tasks.cells and not tasks.names:
         raise InputError("grid.tasks.cells is set but grid.tasks.names is empty")
     if tasks.names:
-        from copal.tasks import check_tasks
+        from copal.lm_eval_tasks import check_tasks
 
         check_tasks(tasks.names, tasks.include_path)
 
@@ -324,7 +323,7 @@ def _accuracy(path: Path, tasks: GridTasks, device: str, load, measure: bool = T
     measure=False: only what is recorded, else None)."""
     from copal.model import resolve_device
     from copal.state import read_json, write_json
-    from copal.tasks import task_accuracy
+    from copal.lm_eval_tasks import task_accuracy
 
     if path.exists():
         recorded = read_json(path, "task accuracies")

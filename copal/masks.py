@@ -12,6 +12,19 @@ import torch
 from copal.errors import InputError
 
 
+# The structures a config may name: unstructured (at any sparsity), or N:M (N of every
+# M consecutive inputs kept, at sparsity 1 - N/M), the patterns sparse tensor cores run.
+STRUCTURES = ("unstructured", "2:4", "4:8")
+
+
+def parse_structure(name: str) -> tuple[int, int] | None:
+    """A structure's (N, M), None for unstructured."""
+    if name == "unstructured":
+        return None
+    n, m = name.split(":")
+    return int(n), int(m)
+
+
 @dataclass(frozen=True)
 class Structure:
     sparsity: float
@@ -45,8 +58,8 @@ def _kth_and_next(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def _drop_lowest_of_few(score: torch.Tensor, count: int) -> torch.Tensor:
     """drop_lowest for a last dimension of at most 4 (2:4 groups): each score's place
     in the stable ascending sort from its pairwise comparisons (6 for 4 values), the
-    first `count` dropped. 2-7x faster than selecting per group: SparseGPT chooses
-    a 2:4 mask every 4 columns."""
+    first `count` dropped. Several times faster than selecting per group, which
+    matters because SparseGPT chooses a 2:4 mask every 4 columns."""
     values = score.detach().numpy()
     place = np.zeros(values.shape, dtype=np.int8)
     width = values.shape[-1]

@@ -9,8 +9,8 @@
 
 A regime answers the step's questions (which domains to calibrate on, the base
 weight, the statistic, what must stay pruned); `copal.step` asks them. Adding a
-regime is one class here and its line in `REGIMES` (and its name in
-copal.config's `regime` choices).
+regime is one class here and its line in `REGIMES`, whose names are the
+config's `regime` choices.
 """
 
 from typing import TypeVar

@@ -4,8 +4,6 @@ the domains. The step functions (copal.lifecycle) and the evaluator
 (copal.evaluator) work on a session; nothing here computes a step."""
 
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from copal.config import RunConfig
@@ -15,13 +13,11 @@ from copal.execution import Resident, Streamed, open_execution
 from copal.masks import Structure
 from copal.methods import Method, build_method
 from copal.model import resolve_device
+from copal.progress import Progress
 from copal.regimes import REGIMES, Regime
 from copal.rundir import RunDir, reconcile
 from copal.state import StepState
 from copal.tokens import TextStart
-
-Progress = Callable[[str, int, int], None]
-
 
 def _quiet(what: str, done: int, total: int) -> None:
     pass

@@ -1,13 +1,17 @@
 """Prefect's API for a command's flows, started off the critical path.
 
 Without PREFECT_API_URL, Prefect starts a temporary API server in a
-subprocess the first time a flow needs it and waits for it to answer: 6-13 s
-on a 2-core machine (measured in benchmarks/pass_speed.py), idle on the step's
-critical path. `TemporaryApi` starts that same server in a thread as soon as
-a command knows it will run a flow, so it boots while the command checks its
-inputs and imports the pipeline; `ready()` joins it before the flow starts
+subprocess the first time a flow needs it and waits for it to answer: seconds
+idle on the step's critical path (docs/DESIGN-NOTES.md, "Process-wide settings").
+`TemporaryApi` starts that same server in a thread as soon as a command knows it
+will run a flow, so it boots while the command checks its inputs and imports the
+pipeline; `ready()` joins it before the flow starts
 (Prefect then finds it running and reuses it). With PREFECT_API_URL set — the
 production setting — there is nothing to start.
+
+`prefect_settings()` applies the project's Prefect settings (environment defaults,
+the filter of the temporary server's lines); entry points call it before Prefect is
+imported.
 
 The server dies with the command, however it ends: Prefect stops it at exit, and
 for a kill -9 its process asks Linux for a signal when the thread that started it
@@ -22,12 +26,6 @@ import subprocess
 import threading
 import types
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# A busy 2-core machine can take longer than the 20 s default to start the temporary API.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-
 class _WithoutTemporaryServerLines(logging.Filter):
     """Drops Prefect's 'Starting/Stopping temporary server on …' lines. The server starts
     in the background while the command checks its inputs, so they would land around a
@@ -37,9 +35,23 @@ class _WithoutTemporaryServerLines(logging.Filter):
         return "temporary server on http" not in record.getMessage()
 
 
-# Prefect's subprocess-server logger is its root logger, "prefect"; its logging setup
-# (dictConfig) keeps a logger's filters.
-logging.getLogger("prefect").addFilter(_WithoutTemporaryServerLines())
+_WITHOUT_SERVER_LINES = _WithoutTemporaryServerLines()
+
+
+def prefect_settings() -> None:
+    """This project's Prefect settings for the whole process: called once by an entry
+    point (the command line's `main`, the test session, a benchmark) before Prefect is
+    imported, since Prefect reads its settings from the environment when it is imported.
+    Values already set in the environment win; calling it again changes nothing.
+
+    copal's log lines go to the Prefect API with the flow's; no analytics; a busy 2-core
+    machine may take longer than the 20 s default to start the temporary API."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "copal")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Prefect's subprocess-server logger is its root logger, "prefect"; its logging setup
+    # (dictConfig) keeps a logger's filters. addFilter adds one filter once.
+    logging.getLogger("prefect").addFilter(_WITHOUT_SERVER_LINES)
 
 
 _THREAD = "prefect-temporary-api"

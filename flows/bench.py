@@ -20,122 +20,28 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from copal.allocator import limit_allocator_fragmentation
 from copal.atomic import write_atomic
 from copal.bench_report import summarize_grid, write_markdown, write_plots
 from copal.config import RunConfig
 from copal.errors import InputError
-from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config, cell_dir, cell_metrics,
+from copal.grid import (Cell, Grid, Resources, available_memory_mb, cell_config, cell_dir,
                         cost_cells, default_jobs, default_out, grid_accuracy, is_finished, measured_peak_mb, plan,
                         run_cell, shared_dense)
 from copal.records import BenchAccuracy, BenchSummary
+from copal.progress import Progress
+from flows.api import TemporaryApi
 from flows.runners import Runner, attached, parse_runner, submit, task_runner
+from tasks.tracking import GridTracker
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-class GridTracker:
-    """One MLflow parent run for the grid and a child run per finished cell (its
-    metrics, read from the cell's metrics.json); ids are kept in OUT/tracking.json,
-    so a resumed grid adds to the same parent and logs each cell once."""
-
-    def __init__(self, out_dir: Path, uri: str | None = None):
-        from copal.state import read_json
-        from tasks.tracking import tracking_uri
-
-        self.file = Path(out_dir) / "tracking.json"
-        self.out_dir = Path(out_dir)
-        self.state = read_json(self.file, "tracking record") if self.file.exists() else {}
-        recorded = self.state.get("tracking_uri")
-        if uri and recorded not in (None, uri):
-            raise InputError(f"{out_dir}: this grid is recorded in MLflow at {recorded}, not {uri}")
-        self.uri = recorded or tracking_uri(uri)
-
-    def _save(self) -> None:
-        from copal.state import write_json
-
-        write_json(self.file, self.state)
-
-    @property
-    def parent(self) -> str | None:
-        return self.state.get("parent_run_id")
-
-    def cells(self) -> dict[str, str]:
-        return self.state.get("cells", {})
-
-    def ensure_parent(self, base: RunConfig, quick: bool) -> str:
-        if self.parent:
-            return self.parent
-        from tasks.tracking import _client, _experiment_id, _params, store_lock
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            experiment_id = _experiment_id(client, self.uri)
-            run = client.create_run(experiment_id, run_name=f"bench {self.out_dir.resolve().name}",
-                                    tags={"copal.bench_dir": str(self.out_dir.resolve()),
-                                          "copal.quick": str(quick).lower()})
-            client.log_batch(run.info.run_id, params=_params(base.model_dump()))
-        self.state = {"tracking_uri": self.uri, "experiment_id": experiment_id,
-                      "parent_run_id": run.info.run_id, "cells": {}}
-        self._save()
-        return run.info.run_id
-
-    def log_cell(self, cell: Cell, runner: Runner) -> str:
-        """The cell's child run (idempotent): params, final metrics, per-step timings, metrics.json."""
-        if cell.id in self.cells():
-            return self.cells()[cell.id]
-        from mlflow.entities import Metric, Param
-
-        from tasks.tracking import _client, store_lock
-
-        metrics = cell_metrics(self.out_dir, cell)
-        params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
-                  "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
-        values = [Metric("avg_ppl", float(metrics.avg_ppl), 0, 0)]
-        if metrics.bwt is not None:
-            values.append(Metric("bwt", float(metrics.bwt), 0, 0))
-        for domain, ppl in zip(metrics.domains, metrics.ppl[-1]):
-            if ppl is not None:
-                values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
-        for index, step in enumerate(metrics.steps):
-            values += [Metric("seconds", float(step.seconds), 0, index),
-                       Metric("prune_seconds", float(step.prune_seconds), 0, index),
-                       Metric("peak_rss_mb", float(step.peak_rss_mb), 0, index)]
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            run = client.create_run(self.state["experiment_id"], run_name=cell.id,
-                                    tags={"mlflow.parentRunId": self.parent, "copal.cell": cell.id,
-                                          "copal.run_dir": str(cell_dir(self.out_dir, cell).resolve())})
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=values)
-            client.log_artifact(run.info.run_id, str(cell_dir(self.out_dir, cell) / "metrics.json"))
-            client.set_terminated(run.info.run_id)
-        self.state.setdefault("cells", {})[cell.id] = run.info.run_id
-        self._save()
-        return run.info.run_id
-
-    def finish(self, files: list[Path], failed: bool) -> None:
-        from tasks.tracking import _client, store_lock
-
-        with store_lock(self.uri):
-            client = _client(self.uri)
-            for file in files:
-                client.log_artifact(self.parent, str(file))
-            client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
-
 
 # ----------------------------------------------------------------------------- the flow
 
@@ -163,6 +69,7 @@ def _cell(config: RunConfig, root: str, data_dir: str | None, threads: int | Non
         return str(pool.submit(run_cell, config, Path(root), data, threads, None, known_dense).result())
     if workdir and os.getcwd() != workdir and Path(workdir).is_dir():
         os.chdir(workdir)
+    limit_allocator_fragmentation()  # a Ray/Dask worker's process prunes too (the command line's has it)
     return str(run_cell(config, Path(root), data, threads, progress, known_dense))
 
 
@@ -236,7 +143,8 @@ def _run_together(launcher: "_Launcher", pending: list[Cell], jobs: int | None, 
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=limit_allocator_fragmentation) as pool:
             launcher.at_once(pending, threads, pool)
 
 
@@ -253,7 +161,7 @@ class _Launcher:
     where: Runner
     resources: Resources
     fingerprints: dict[str, str]
-    tracker: "GridTracker"
+    tracker: GridTracker
     progress: Progress | None
     done: int = 0
     failures: dict[str, Exception] = field(default_factory=dict)
@@ -337,7 +245,7 @@ def run_benchmark(config_path: Path | None = None, out_dir: Path | None = None, 
         data_dir = arrow_dir(data_dir).resolve()
     GridTracker(out_dir, tracking_uri)  # a grid recorded elsewhere in MLflow is bad input: say so now
     with attached(where, grid.resources):  # an impossible request fails here, before the flow starts
-        (api or flows.api.TemporaryApi()).ready()
+        (api or TemporaryApi()).ready()
         failures = bench_flow.with_options(task_runner=task_runner(where, len(cells)))(
             base, grid, cells, out_dir, str(where), jobs, data_dir, tracking_uri, quick,
             # On a cluster prefect-ray pickles the flow run's context, parameters included, with

@@ -12,14 +12,13 @@ set PREFECT_API_URL to use a Prefect server.
 
 import logging
 from pathlib import Path
-from typing import Callable
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, get_run_logger
 
 from copal import lifecycle
 from copal.errors import InputError
 from copal.evaluator import Evaluator
+from copal.progress import Progress
 from copal.records import RunMetrics, StepRecord
 from copal.rundir import RunDir
 from copal.session import RunSession
@@ -29,10 +28,9 @@ from tasks.tracking import Tracker
 
 log = logging.getLogger("copal")
 
-# A progress callback (what, done, total), e.g. the command line's display. As a
-# flow parameter it is recorded in Prefect as a placeholder ("<function>"): it is
-# not data, and Prefect stores what it cannot serialise that way.
-Progress = Callable[[str, int, int], None]
+# A flow's progress callback (copal.progress), e.g. the command line's display, is
+# recorded in Prefect as a placeholder ("<function>"): it is not data, and Prefect
+# stores what it cannot serialise that way.
 
 
 def _step(session: RunSession, evaluator: Evaluator, tracker: Tracker, domain_index: int,
@@ -121,7 +119,7 @@ def next_in_queue(run_dir: Path, queue: Path | None) -> str | None:
     """The next domain a scheduled run should take: the first file or folder of
     `queue` (in name order) not yet stepped on in HEAD's lineage, else the first
     configured domain not yet stepped on; None when there is nothing left."""
-    from copal.data import parse_source
+    from copal.sources import parse_source
 
     directory = RunDir(run_dir).require()
     config, _ = directory.read_config()

@@ -10,11 +10,9 @@ not stop the others: `run_all` returns the failures.
 import logging
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-import flows.api  # noqa: F401 - Prefect's settings for this project, before Prefect is imported
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
@@ -23,12 +21,11 @@ from copal.config import RunConfig
 from copal.errors import InputError
 from copal.grid import Resources
 from copal.model import torch_threads
+from copal.progress import Progress
 from copal.sweep import PlannedRun
 from flows.runners import Runner, attached, parse_runner, submit, task_runner
 
 log = logging.getLogger("copal")
-
-Progress = Callable[[str, int, int], None]
 
 
 def for_workers(planned: list[PlannedRun], uri: str | None) -> tuple[list[PlannedRun], Path, str]:

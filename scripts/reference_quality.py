@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from copal.data import evaluation_windows, ingest
+from copal.data import ingest
+from copal.windows import evaluation_windows
 from copal.metrics import perplexity
 from copal.model import load_model
 from train_reference import DOMAINS  # this script's folder is on sys.path when run as a script

@@ -26,7 +26,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from copal.data import ingest, token_stream
+from copal.data import ingest
+from copal.windows import token_stream
 from copal.model import resolve_device
 
 DOMAINS = ("builtin:docs", "builtin:lexicon", "builtin:code", "builtin:fortunes", "builtin:manuals")

@@ -1,5 +1,8 @@
-"""MLflow: one parent run per continual run, one child run per step, and a
-registered model version per step that loads back to exactly its weights.
+"""MLflow, for runs and grids: the store, its lock and client (shared), then
+
+* `Tracker`: one parent run per continual run, one child run per step, and a
+  registered model version per step that loads back to exactly its weights;
+* `GridTracker`: one parent run per bench grid, one child run per finished cell.
 
 The registered model is named `<run name>-<first 8 hex digits of the parent run id>`:
 the run's identity, which two runs cannot share, so its version K is step K. Recording a
@@ -22,8 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from copal.atomic import exclusive_lock
+from copal.config import RunConfig
 from copal.rundir import RunDir
 from copal.errors import InputError
+from copal.grid import Cell, cell_dir, cell_metrics
 from copal.model import weights_fingerprint
 from copal.paths import state_home
 from copal.records import RunMetrics
@@ -55,7 +60,8 @@ def store_lock(uri: str):
         yield
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """A client of the tracking and registry store at `uri`, its chatter at WARNING."""
     import logging
 
     from mlflow import MlflowClient
@@ -65,7 +71,8 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _experiment_id(client, uri: str) -> str:
+def copal_experiment(client, uri: str) -> str:
+    """The id of the `copal` experiment, created (artifacts beside a SQLite store) if missing."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -80,6 +87,19 @@ def _experiment_id(client, uri: str) -> str:
         return client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException:  # created by a concurrent run in between
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def config_params(config: dict, prefix: str = "") -> list:
+    """A config as MLflow params, nested sections flattened to `a.b` names."""
+    from mlflow.entities import Param
+
+    flat = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat += config_params(value, f"{prefix}{key}.")
+        else:
+            flat.append(Param(f"{prefix}{key}", str(value)[:6000]))
+    return flat
 
 
 class Tracker:
@@ -104,11 +124,11 @@ class Tracker:
         if "parent_run_id" in self.state:
             return self.state["parent_run_id"]
         with store_lock(self.uri):
-            client = _client(self.uri)
-            experiment_id = _experiment_id(client, self.uri)
+            client = mlflow_client(self.uri)
+            experiment_id = copal_experiment(client, self.uri)
             run = client.create_run(experiment_id, run_name=config.name,
                                     tags={"copal.run_dir": str(self.run_dir.root.resolve())})
-            client.log_batch(run.info.run_id, params=_params(config.model_dump()))
+            client.log_batch(run.info.run_id, params=config_params(config.model_dump()))
         self.state.update({"tracking_uri": self.uri, "experiment_id": experiment_id,
                            "parent_run_id": run.info.run_id, "model_name": f"{config.name}-{run.info.run_id[:8]}",
                            "steps": {}})
@@ -118,7 +138,7 @@ class Tracker:
     def finish_parent(self) -> None:
         """Mark the parent run finished; a later `copal step` adds children to it again."""
         with store_lock(self.uri):
-            _client(self.uri).set_terminated(self.state["parent_run_id"], "FINISHED")
+            mlflow_client(self.uri).set_terminated(self.state["parent_run_id"], "FINISHED")
 
     def record_step(self, state: StepState, metrics: RunMetrics, config, plot_png: bytes | None = None) -> dict:
         """A child run with the step's params, metrics and artifacts, and a new
@@ -144,7 +164,7 @@ class Tracker:
         params.update({f"task_items/{task}/{key}": value for task, items in (record.task_items or {}).items()
                        for key, value in items.items()})
         with tempfile.TemporaryDirectory() as scratch, store_lock(self.uri):
-            client = _client(self.uri)
+            client = mlflow_client(self.uri)
             found = self._registered(client, key)
             if found is not None:
                 run_id, version = found
@@ -212,21 +232,9 @@ class Tracker:
 
 
 def _task_metrics(tasks: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
-    """`task/<task>/<metric>` for each task accuracy (copal.tasks' metric names)."""
+    """`task/<task>/<metric>` for each task accuracy (copal.lm_eval_tasks' metric names)."""
     return {f"{prefix}task/{task}/{metric}": value for task, values in tasks.items()
             for metric, value in values.items()}
-
-
-def _params(config: dict, prefix: str = "") -> list:
-    from mlflow.entities import Param
-
-    flat = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat += _params(value, f"{prefix}{key}.")
-        else:
-            flat.append(Param(f"{prefix}{key}", str(value)[:6000]))
-    return flat
 
 
 def _model_artifact(state: StepState, config, folder: Path) -> Path:
@@ -265,3 +273,84 @@ def load_model_version(name: str, version: str | int, uri: str | None = None):
         if base["weights_sha256"] and weights_fingerprint(base["model"]) != base["weights_sha256"]:
             raise InputError(f"{base['model']}: base weights changed since version {version} was recorded")
         return load_with_step(base["model"], StepState(local), base["dtype"])
+
+
+class GridTracker:
+    """One MLflow parent run for the grid and a child run per finished cell (its
+    metrics, read from the cell's metrics.json); ids are kept in OUT/tracking.json,
+    so a resumed grid adds to the same parent and logs each cell once."""
+
+    def __init__(self, out_dir: Path, uri: str | None = None):
+        self.file = Path(out_dir) / "tracking.json"
+        self.out_dir = Path(out_dir)
+        self.state = read_json(self.file, "tracking record") if self.file.exists() else {}
+        recorded = self.state.get("tracking_uri")
+        if uri and recorded not in (None, uri):
+            raise InputError(f"{out_dir}: this grid is recorded in MLflow at {recorded}, not {uri}")
+        self.uri = recorded or tracking_uri(uri)
+
+    def _save(self) -> None:
+        write_json(self.file, self.state)
+
+    @property
+    def parent(self) -> str | None:
+        return self.state.get("parent_run_id")
+
+    def cells(self) -> dict[str, str]:
+        return self.state.get("cells", {})
+
+    def ensure_parent(self, base: RunConfig, quick: bool) -> str:
+        if self.parent:
+            return self.parent
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with store_lock(self.uri):
+            client = mlflow_client(self.uri)
+            experiment_id = copal_experiment(client, self.uri)
+            run = client.create_run(experiment_id, run_name=f"bench {self.out_dir.resolve().name}",
+                                    tags={"copal.bench_dir": str(self.out_dir.resolve()),
+                                          "copal.quick": str(quick).lower()})
+            client.log_batch(run.info.run_id, params=config_params(base.model_dump()))
+        self.state = {"tracking_uri": self.uri, "experiment_id": experiment_id,
+                      "parent_run_id": run.info.run_id, "cells": {}}
+        self._save()
+        return run.info.run_id
+
+    def log_cell(self, cell: Cell, runner) -> str:
+        """The cell's child run (idempotent): params, final metrics, per-step timings, metrics.json;
+        `runner`: where the grid ran (recorded as its str)."""
+        if cell.id in self.cells():
+            return self.cells()[cell.id]
+        from mlflow.entities import Metric, Param
+
+        metrics = cell_metrics(self.out_dir, cell)
+        params = {"method": cell.method, "regime": cell.regime, "structure": cell.structure,
+                  "sparsity": cell.sparsity, "variant": cell.variant or "default", "runner": str(runner)}
+        values = [Metric("avg_ppl", float(metrics.avg_ppl), 0, 0)]
+        if metrics.bwt is not None:
+            values.append(Metric("bwt", float(metrics.bwt), 0, 0))
+        for domain, ppl in zip(metrics.domains, metrics.ppl[-1]):
+            if ppl is not None:
+                values.append(Metric(f"ppl.{domain}", float(ppl), 0, 0))
+        for index, step in enumerate(metrics.steps):
+            values += [Metric("seconds", float(step.seconds), 0, index),
+                       Metric("prune_seconds", float(step.prune_seconds), 0, index),
+                       Metric("peak_rss_mb", float(step.peak_rss_mb), 0, index)]
+        with store_lock(self.uri):
+            client = mlflow_client(self.uri)
+            run = client.create_run(self.state["experiment_id"], run_name=cell.id,
+                                    tags={"mlflow.parentRunId": self.parent, "copal.cell": cell.id,
+                                          "copal.run_dir": str(cell_dir(self.out_dir, cell).resolve())})
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=values)
+            client.log_artifact(run.info.run_id, str(cell_dir(self.out_dir, cell) / "metrics.json"))
+            client.set_terminated(run.info.run_id)
+        self.state.setdefault("cells", {})[cell.id] = run.info.run_id
+        self._save()
+        return run.info.run_id
+
+    def finish(self, files: list[Path], failed: bool) -> None:
+
+        with store_lock(self.uri):
+            client = mlflow_client(self.uri)
+            for file in files:
+                client.log_artifact(self.parent, str(file))
+            client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")

@@ -16,6 +16,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+from flows.api import prefect_settings  # noqa: E402
+
+# The test session is an entry point, as the command line's main is: the project's
+# Prefect settings before any test module imports Prefect (tests call flows and the
+# CLI's app directly, not main).
+prefect_settings()
+
 
 def _real_text(modules) -> str:
     """Real prose and code nobody on this project wrote: stdlib sources."""
@@ -268,7 +275,7 @@ class LocalCluster:
         self._address = None
 
     def address(self) -> str:
-        from flows.local_cluster import answers
+        from local_cluster import answers
 
         if self._address is not None and not answers(self._address):
             self.stop()
@@ -285,7 +292,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def _ray_cluster():
-    from flows.local_cluster import ray_head
+    from local_cluster import ray_head
 
     cluster = LocalCluster(lambda: ray_head(cpus=2))
     yield cluster
@@ -302,7 +309,7 @@ def ray_head(_ray_cluster):
 def _dask_cluster(prefect_api):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.local_cluster import dask_cluster
+    from local_cluster import dask_cluster
 
     cluster = LocalCluster(lambda: dask_cluster(cpus=2, env=os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}))
     yield cluster

@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import TINY_TASK, assert_one_line_error, small_config
 from copal import bench_report as report, grid as bench, plots
-from copal.config import METHODS, REGIMES, build_config
+from copal.config import build_config
+from copal.methods import METHODS
+from copal.regimes import REGIMES
 from copal.paths import PROJECT_ROOT
 from copal.evaluator import Evaluator
 from copal.records import BenchSummary
@@ -146,7 +148,7 @@ def test_grid_definition():
     assert len(ids) == len(set(ids)) == 3 * (1 + 3 * 4) + 2 * (1 + 2 * 3) + 3 * 2
     defaults = [c for c in cells if not c.variant]
     assert {c.regime for c in cells if c.method == "magnitude"} == {"reprune"}
-    for method in METHODS[1:]:
+    for method in list(METHODS)[1:]:
         for regime in REGIMES:
             assert {c.structure for c in defaults if (c.method, c.regime, c.sparsity) == (method, regime, 0.5)} \
                 == set(bench.STRUCTURES)

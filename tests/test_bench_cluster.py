@@ -16,7 +16,7 @@ from conftest import assert_one_line_error, small_config, without_timings
 from copal import grid as bench
 from flows import runners
 from cli import app
-from flows.local_cluster import free_port
+from local_cluster import free_port
 
 CELLS = ["wanda-sequential-u50", "copal-sequential-u50"]  # no cost cell: on Ray both run at once
 
@@ -150,7 +150,7 @@ def test_without_cpus_dask_workers_of_any_size_give_the_local_cells_bit_for_bit(
     import torch
     from prefect.settings import PREFECT_API_URL
 
-    from flows.local_cluster import dask_cluster
+    from local_cluster import dask_cluster
 
     monkeypatch.setenv("COPAL_DATA_DIR", str(tmp_path / "arrow"))
     config = _config(tmp_path, llama_dir, corpus_dir, cpus=None)

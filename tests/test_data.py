@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from copal import splits
-from copal.data import calibration_samples, evaluation_windows, ingest, parse_source
+from copal.data import ingest
+from copal.sources import parse_source
+from copal.windows import calibration_samples, evaluation_windows
 from copal.errors import InputError
 
 

@@ -284,7 +284,7 @@ def test_cache_paths_come_from_a_digest_inside_the_cache(tmp_path, corpus_dir):
 
 
 def test_hints_show_valid_names(tmp_path, corpus_dir):
-    from copal.data import parse_source
+    from copal.sources import parse_source
     from copal.domains import RunDomains
     from copal.tokens import TextStart
 
@@ -402,7 +402,8 @@ def test_a_full_disk_is_one_line_and_records_nothing(run_copy, finished, corpus_
 
 
 def test_the_temporary_prefect_api_dies_with_a_killed_command(tmp_path):
-    code = ("import os\nfrom flows.api import TemporaryApi\napi = TemporaryApi()\napi.ready()\n"
+    code = ("import os\nfrom flows.api import TemporaryApi, prefect_settings\nprefect_settings()\n"
+            "api = TemporaryApi()\napi.ready()\n"
             "from prefect.server.api.server import SubprocessASGIServer\n"
             "print(SubprocessASGIServer().server_process.pid, flush=True)\nos.kill(os.getpid(), 9)\n")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}

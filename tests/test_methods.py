@@ -168,3 +168,20 @@ def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_
     assert shared.keys() == alone.keys() and any("weights" in str(path) for path in shared)  # masks, weights, state
     for path, tensors in shared.items():
         assert all(torch.equal(tensors[key], alone[path][key]) for key in tensors), path
+
+
+def test_config_choices_are_the_registries_names():
+    """A method, regime or state format is offered by the config (and the bench grid)
+    because it is registered: the choices are derived, never listed a second time."""
+    import typing
+
+    from copal.config import RunConfig, StateOptions
+    from copal.grid import Sweep
+    from copal.regimes import REGIMES
+    from copal.codecs import CODECS
+
+    choices = lambda annotation: typing.get_args(annotation)  # noqa: E731
+    assert choices(RunConfig.model_fields["method"].annotation) == tuple(METHODS)
+    assert choices(RunConfig.model_fields["regime"].annotation) == tuple(REGIMES)
+    assert choices(StateOptions.model_fields["format"].annotation) == tuple(CODECS)
+    assert choices(typing.get_args(Sweep.model_fields["methods"].annotation)[0]) == tuple(METHODS)

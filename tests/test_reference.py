@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from copal.config import BENCH_CONFIG, load_config
-from copal.data import evaluation_windows, ingest
+from copal.data import ingest
+from copal.windows import evaluation_windows
 from copal.metrics import perplexity
 from copal.model import all_prunable, load_model
 from cli import app

@@ -321,7 +321,8 @@ def test_evaluation_windows_are_the_protocol(tokenizer_dir, corpus_dir, data_dir
     from transformers import AutoTokenizer
 
     from copal import splits
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     domain = ingest(f"text:{corpus_dir / 'alpha'}.txt")

@@ -29,7 +29,8 @@ def test_the_start_tokens_are_what_the_tokenizer_adds(bos_tokenizer_dir, tokeniz
 
 def test_every_window_starts_with_the_bos_then_consecutive_text(bos_tokenizer_dir, corpus_dir, data_dir):
     from copal import splits
-    from copal.data import calibration_samples, evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import calibration_samples, evaluation_windows
 
     tokenizer = _tokenizer(bos_tokenizer_dir)
     bos = tokenizer.bos_token_id
@@ -62,7 +63,8 @@ def test_perplexity_of_a_bos_model_is_the_independent_loops(bos_llama_dir, corpu
     from transformers import AutoModelForCausalLM
 
     from copal import splits
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
     from copal.metrics import perplexity
 
     tokenizer = _tokenizer(bos_llama_dir)
@@ -104,7 +106,7 @@ def test_lm_eval_gets_the_bos_too(bos_llama_dir, llama_dir, tiny_task, monkeypat
     import lm_eval.models.huggingface as hf
     from transformers import AutoModelForCausalLM
 
-    from copal.tasks import evaluate_tasks
+    from copal.lm_eval_tasks import evaluate_tasks
 
     folder, _, _ = tiny_task
     seen = []
@@ -122,7 +124,8 @@ def test_lm_eval_gets_the_bos_too(bos_llama_dir, llama_dir, tiny_task, monkeypat
 
 
 def test_a_window_needs_room_for_text_after_the_bos(bos_tokenizer_dir, corpus_dir, data_dir):
-    from copal.data import evaluation_windows, ingest
+    from copal.data import ingest
+    from copal.windows import evaluation_windows
     from copal.errors import InputError
 
     with pytest.raises(InputError, match="leaves 1 text token"):

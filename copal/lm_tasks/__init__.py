@@ -1,7 +1,7 @@
 """copal's builtin lm-evaluation-harness tasks: zero-shot multiple choice built
 from the *evaluation* parts of the builtin domains.
 
-The task YAMLs sit beside this file (this folder is what `copal.tasks` hands
+The task YAMLs sit beside this file (this folder is what `copal.lm_eval_tasks` hands
 lm-eval's TaskManager as an include path; it is not called `tasks` because the
 project's Prefect tasks already are). Their items are generated here, on
 demand, deterministically: from the evaluation part of a builtin domain (so
@@ -9,7 +9,7 @@ they are offline, disjoint from every calibration set and from the reference
 model's training data), with a fixed seed and item count that the YAML's
 `metadata` passes in. Each generation also writes the items as JSONL into
 `<data dir>/lm_tasks/<task>.jsonl` (the Arrow cache's folder: data/arrow or
-$COPAL_DATA_DIR) for inspection; its SHA-256 is what `copal.tasks` reports as
+$COPAL_DATA_DIR) for inspection; its SHA-256 is what `copal.lm_eval_tasks` reports as
 `task_items`, so a result names the exact items.
 
 * `copal_wordnet_define`: a WordNet gloss → the word it defines, among 4
@@ -34,7 +34,7 @@ CHOICES = 4
 
 def items_jsonl(items: list[dict]) -> bytes:
     """The canonical form of items: one JSON object per line, keys sorted, UTF-8.
-    `copal.tasks` hashes evaluated documents the same way, so the SHA-256 of this
+    `copal.lm_eval_tasks` hashes evaluated documents the same way, so the SHA-256 of this
     file is the `task_items` SHA-256 a full evaluation reports."""
     return b"".join(json.dumps(item, sort_keys=True, ensure_ascii=False).encode() + b"\n" for item in items)
 

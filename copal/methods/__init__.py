@@ -1,6 +1,8 @@
 """Pruning methods, one module each: a statistic accumulated over calibration
-tokens plus a score (copal.methods.base). Adding a method is one module here
-and its line in `METHODS` (and its name in copal.config's `method` choices)."""
+tokens plus a score (copal.methods.base), and the method's options model when it
+has options. Adding a method is one module here and its line in `METHODS`: the
+config's `method` choices and the bench grid's are these names (a method with
+options also adds its section to copal.config's RunConfig)."""
 
 from copal.methods.base import LayerInput, Method, Statistic, accumulate
 from copal.methods.copal import Copal, OutputSensitivity

@@ -1,14 +1,17 @@
 """COPAL (Malla et al., ICML 2024): |W| times a sensitivity accumulated across domains.
 
-Two sensitivities (METHOD.md): `output`, |∂(½‖y‖²)/∂W| summed per token, from
+Two sensitivities (docs/METHOD.md): `output`, |∂(½‖y‖²)/∂W| summed per token, from
 each layer's own input and output during the layer-wise pass; and `loss`, the
 language-model loss's gradient |∂L/∂W|, which needs a backward pass through the
 whole model. `normalize` and `reduce` say how domains combine. `reconstruct`
-(METHOD.md) keeps COPAL's mask and gives the kept weights SparseGPT's OBS update
+keeps COPAL's mask and gives the kept weights SparseGPT's OBS update
 from the Hessian accumulated the same way.
 """
 
+from typing import Literal
+
 import torch
+from pydantic import model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -16,6 +19,29 @@ from copal.masks import select_mask
 from copal.methods.base import Method, Statistic, accumulate
 from copal.methods.sparsegpt import Hessian, InverseFactors, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
+from copal.options import Strict
+
+
+class CopalOptions(Strict):
+    """The config's `copal:` section: the variants of docs/METHOD.md; the defaults
+    are the measured best."""
+
+    sensitivity: Literal["output", "loss"] = "output"
+    normalize: bool = True
+    reduce: Literal["sum", "max"] = "sum"
+    # `reconstruct`: COPAL's mask, then SparseGPT's OBS update of the kept weights
+    # from the accumulated Hessian (the `sparsegpt:` section's blocksize and dampening).
+    reconstruct: bool = False
+
+    @model_validator(mode="after")
+    def _reconstruct_needs_layer_statistics(self) -> "CopalOptions":
+        if self.reconstruct and self.sensitivity == "loss":
+            raise ValueError("reconstruct accumulates each layer's Hessian in the layer-wise pass; "
+                             "it needs sensitivity: output")
+        if self.reconstruct and self.reduce == "max":
+            raise ValueError("reconstruct sums Hessians over domains (an elementwise max of Hessians is not one); "
+                             "it needs reduce: sum")
+        return self
 
 
 class OutputSensitivity(Statistic):

@@ -13,9 +13,18 @@ sparsity like the other methods (the paper thresholds per block instead).
 import logging
 
 import torch
+from pydantic import Field
 
 from copal.masks import Structure, drop_lowest
 from copal.methods.base import Method, Statistic
+from copal.options import Strict
+
+
+class SparseGPTOptions(Strict):
+    """The config's `sparsegpt:` section (COPAL's `reconstruct` variant uses it too)."""
+
+    blocksize: int = Field(128, gt=0, description="columns per OBS block")
+    dampening: float = Field(0.01, gt=0, description="λ = dampening · mean(diag H) added to H's diagonal")
 
 
 class Hessian(Statistic):

@@ -1,4 +1,4 @@
-"""A Ray head or a Dask scheduler with one worker on this machine, every port on
+"""Test harness: a Ray head or a Dask scheduler with one worker on this machine, every port on
 127.0.0.1: what the runner integration tests and benchmarks/runner_overhead.py
 run `--runner ray://…` and `--runner dask://…` against. Each is a context manager
 that yields the runner address once it answers and stops the whole process group
