@@ -16,6 +16,7 @@ from copal.errors import InputError
 from copal.methods import Copal, Wanda
 from copal.regimes import REGIMES
 from copal.codecs import CODECS, FORMAT_KEY, LogCodec, _level_of, _pack_codes, _unpack_codes
+from copal.records import StepRecord
 from copal.state import StepState, StepWriter
 
 
@@ -125,7 +126,7 @@ def _write_step(tmp_path, step_id, values: dict, state_format: str):
         writer.sensitivity.add(name, value, CODECS[state_format])
         writer.add_mask(name, value > value.median())
     writer.finish_block(0)
-    return StepState(writer.commit({"step": step_id, "parent": step_id - 1}))
+    return StepState(writer.commit(StepRecord(step=step_id, parent=step_id - 1)))
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "log3"])
@@ -188,7 +189,7 @@ def test_a_lineage_keeps_its_format_and_only_elementwise_statistics_compact(tmp_
         if parent is not None:
             assert torch.equal(combined, Copal().combine(parent.sensitivity("l"), fresh))  # float32, decoded parent
         writer.finish_block(0)
-        assert StepState(writer.commit({"step": 2, "parent": 1})).state_format("l") == expected
+        assert StepState(writer.commit(StepRecord(step=2, parent=1))).state_format("l") == expected
 
 
 def test_config_state_format(tmp_path, llama_dir, corpus_dir):
