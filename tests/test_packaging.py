@@ -136,7 +136,7 @@ def test_the_wheel_runs_a_demo_from_another_directory_and_keeps_state_there(tmp_
     import sysconfig
 
     source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
-    for part in ("copal", "flows", "tasks", "configs", "data/models/reference"):
+    for part in ("cli", "copal", "flows", "tasks", "configs", "data/models/reference"):
         shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
     for file in ("setup.py", "pyproject.toml"):
         shutil.copy(ROOT / file, source / file)
