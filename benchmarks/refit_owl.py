@@ -40,7 +40,7 @@ from copal.data import ingest  # noqa: E402
 from copal.windows import calibration_samples, evaluation_windows  # noqa: E402
 from copal.masks import Structure, select_mask  # noqa: E402
 from copal.methods import Hessian  # noqa: E402
-from copal.methods.sparsegpt import sparsegpt_prune  # noqa: E402
+from copal.obs import sparsegpt_prune  # noqa: E402
 from copal.model import all_prunable, find_blocks, load_model, set_weight_matrix, weight_matrix  # noqa: E402
 from copal.owl import check_structure, layer_mask, owl_profile  # noqa: E402
 from copal.refit import PCGOptions, reconstruction_error, refit  # noqa: E402

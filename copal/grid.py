@@ -47,6 +47,7 @@ COPAL_VARIANTS = {
     "raw": {"normalize": False},
     "max": {"reduce": "max"},
     "reconstruct": {"reconstruct": True},
+    "pcg": {"reconstruct": True, "refit": "pcg"},
 }
 VARIANT_NOTES = {
     "": "output sensitivity E|y|·|x|, normalised per domain, summed over domains",
@@ -54,6 +55,7 @@ VARIANT_NOTES = {
     "raw": "no per-domain normalisation of the statistic before summing",
     "max": "elementwise max over domains instead of the sum",
     "reconstruct": "COPAL's mask, kept weights reconstructed by SparseGPT's OBS update from the accumulated Hessian",
+    "pcg": "COPAL's mask, kept weights refit by conjugate gradient (ALPS's refit) from the accumulated Hessian",
 }
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16

@@ -14,7 +14,7 @@ is continual: no past data is kept, only H.
 Solvers (`refit(..., solver=)`):
 
 * `obs`: SparseGPT's optimal-brain-surgeon update with the mask given
-  (copal.methods.sparsegpt.sparsegpt_prune with `keep`): columns left to right,
+  (copal.obs.sparsegpt_prune with `keep`): columns left to right,
   each pruned weight's error spread over the columns still to come. One pass,
   not the least-squares optimum (a column's update never revisits the columns
   before it).
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from copal.masks import Structure
-from copal.methods.sparsegpt import InverseFactors, sparsegpt_prune
+from copal.obs import InverseFactors, sparsegpt_prune
 
 SOLVERS = ("obs", "pcg", "exact")
 PRECONDITIONERS = ("jacobi", "block")

@@ -102,7 +102,7 @@ def test_layers_reading_one_input_share_their_statistic_work(llama_dir):
 
 def test_sparsegpt_given_its_own_mask_reconstructs_the_same_weights():
     """The fixed-mask path (COPAL's reconstruct variant) is SparseGPT's OBS update."""
-    from copal.methods.sparsegpt import sparsegpt_prune
+    from copal.obs import sparsegpt_prune
 
     weight, x = _layer(6)
     hessian = _stat(Hessian, weight, x)

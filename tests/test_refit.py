@@ -130,3 +130,30 @@ def test_exact_solver_handles_rows_with_unequal_kept_counts():
     fitted = refit(weight, hessian, keep, "exact", dampening=0.0)
     assert _relative(fitted, exact) < 1e-6
     assert torch.equal(fitted[1], torch.zeros(weight.shape[1]))
+
+
+def test_copal_reconstruct_with_pcg_keeps_the_mask_and_fits_closer():
+    """COPAL's `reconstruct` variant with `refit: pcg`: the same mask as with the OBS
+    update (the refit never chooses), and kept weights at least as close to W0's
+    outputs on the calibration inputs."""
+    from copal.methods.copal import Copal
+
+    weight, hessian = _layer(seed=3)
+    sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(4))
+    stacked = torch.cat([sensitivity, hessian])  # SensitivityAndHessian's layout: S over H
+    for structure in (Structure(0.5), Structure(0.5, (2, 4))):
+        obs_keep, obs_weight = Copal(reconstruct=True).prune(weight, stacked, structure)
+        pcg_keep, pcg_weight = Copal(reconstruct=True, refit="pcg").prune(weight, stacked, structure)
+        assert torch.equal(obs_keep, pcg_keep)
+        assert (pcg_weight[~pcg_keep] == 0).all()
+        damped = damped_hessian(hessian, 0.01)
+        assert (reconstruction_error(pcg_weight, damped, weight).sum()
+                <= reconstruction_error(obs_weight, damped, weight).sum())
+
+
+def test_refit_pcg_needs_reconstruct():
+    from copal.methods.copal import CopalOptions
+
+    assert CopalOptions(reconstruct=True, refit="pcg").refit == "pcg"
+    with pytest.raises(ValueError, match="needs reconstruct: true"):
+        CopalOptions(refit="pcg")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_line_error, small_config
 from copal.masks import Structure
 from copal.methods import Magnitude, SparseGPT
-from copal.methods.sparsegpt import sparsegpt_prune
+from copal.obs import sparsegpt_prune
 from copal.regimes import REGIMES
 from copal.step import StepPolicy
 

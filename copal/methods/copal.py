@@ -4,8 +4,8 @@ Two sensitivities (docs/METHOD.md): `output`, |∂(½‖y‖²)/∂W| summed per
 each layer's own input and output during the layer-wise pass; and `loss`, the
 language-model loss's gradient |∂L/∂W|, which needs a backward pass through the
 whole model. `normalize` and `reduce` say how domains combine. `reconstruct`
-keeps COPAL's mask and gives the kept weights SparseGPT's OBS update
-from the Hessian accumulated the same way.
+keeps COPAL's mask and refits the kept weights from the Hessian accumulated the
+same way (`refit`: SparseGPT's OBS update, or conjugate gradient).
 """
 
 from typing import Literal
@@ -17,9 +17,11 @@ from transformers.pytorch_utils import Conv1D
 
 from copal.masks import select_mask
 from copal.methods.base import Method, Statistic, accumulate
-from copal.methods.sparsegpt import Hessian, InverseFactors, sparsegpt_prune
+from copal.methods.sparsegpt import Hessian
+from copal.obs import InverseFactors, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 from copal.options import Strict
+from copal.refit import refit as refit_kept
 
 
 class CopalOptions(Strict):
@@ -29,15 +31,20 @@ class CopalOptions(Strict):
     sensitivity: Literal["output", "loss"] = "output"
     normalize: bool = True
     reduce: Literal["sum", "max"] = "sum"
-    # `reconstruct`: COPAL's mask, then SparseGPT's OBS update of the kept weights
-    # from the accumulated Hessian (the `sparsegpt:` section's blocksize and dampening).
+    # `reconstruct`: COPAL's mask, then a refit of the kept weights from the accumulated
+    # Hessian (the `sparsegpt:` section's blocksize and dampening), by `refit`: `obs`,
+    # SparseGPT's one-pass update; `pcg`, conjugate gradient towards the least-squares
+    # optimum on the fixed mask (ALPS's refit; copal.refit).
     reconstruct: bool = False
+    refit: Literal["obs", "pcg"] = "obs"
 
     @model_validator(mode="after")
     def _reconstruct_needs_layer_statistics(self) -> "CopalOptions":
         if self.reconstruct and self.sensitivity == "loss":
             raise ValueError("reconstruct accumulates each layer's Hessian in the layer-wise pass; "
                              "it needs sensitivity: output")
+        if self.refit != "obs" and not self.reconstruct:
+            raise ValueError(f"refit: {self.refit} refits from the accumulated Hessian; it needs reconstruct: true")
         if self.reconstruct and self.reduce == "max":
             raise ValueError("reconstruct sums Hessians over domains (an elementwise max of Hessians is not one); "
                              "it needs reduce: sum")
@@ -116,11 +123,12 @@ class Copal(Method):
     name = "copal"
 
     def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum",
-                 reconstruct: bool = False, blocksize: int = 128, dampening: float = 0.01):
+                 reconstruct: bool = False, refit: str = "obs", blocksize: int = 128, dampening: float = 0.01):
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
         self.reconstruct = reconstruct
+        self.refit = refit
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
         self.factors = InverseFactors()
         if sensitivity == "loss":
@@ -142,6 +150,8 @@ class Copal(Method):
             return super().prune(weight, stat, structure, forced_prune, layer)
         sensitivity, hessian = split_hessian(stat)
         keep = select_mask(self.score(weight.float(), sensitivity), structure, forced_prune)
+        if self.refit == "pcg":
+            return keep, refit_kept(weight, hessian, keep, "pcg", self.dampening, blocksize=self.blocksize, layer=layer)
         return sparsegpt_prune(weight, hessian, structure, forced_prune, self.blocksize, self.dampening, layer, keep,
                                self.factors)
 
