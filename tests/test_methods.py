@@ -138,17 +138,20 @@ def test_copal_reconstruct_keeps_copals_mask_and_lowers_the_output_error():
 def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_dir, data_dir, monkeypatch,
                                                     method, regime, extra):
     """q/k/v and gate/up have equal Hessians, so a LLaMA block needs 4 inverse
-    factorisations, not 7, and reusing them changes no bit of the masks or weights."""
+    factorisations, not 7, and pruning them as one matrix of stacked rows (one
+    factorisation, one OBS loop per input) changes no bit of the masks, weights or
+    state against pruning each layer alone with its own factorisation."""
     from safetensors.torch import load_file
 
     from conftest import small_config
+    from copal import obs
     from copal.config import build_config
     from copal.continual import ContinualRun
-    from copal.methods import sparsegpt
+    from copal.methods.sparsegpt import SparseGPT
 
     calls = []
-    factorise = sparsegpt._inverse_cholesky
-    monkeypatch.setattr(sparsegpt, "_inverse_cholesky", lambda *args: calls.append(args[2]) or factorise(*args))
+    factorise = obs._inverse_cholesky
+    monkeypatch.setattr(obs, "_inverse_cholesky", lambda *args: calls.append(args[2]) or factorise(*args))
 
     raw = small_config(llama_dir, corpus_dir, method=method, regime=regime, **extra)
     raw["domains"] = raw["domains"][:2]
@@ -160,9 +163,10 @@ def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_
     shared = run(tmp_path / "shared")
     assert len(calls) == 2 * 2 * 4  # 2 steps x 2 blocks x (qkv, o, gate/up, down)
     assert {name.rsplit(".", 1)[-1] for name in calls} == {"q_proj", "o_proj", "gate_proj", "down_proj"}
-    original_get = sparsegpt.InverseFactors.get
-    monkeypatch.setattr(sparsegpt.InverseFactors, "get",
+    original_get = obs.InverseFactors.get
+    monkeypatch.setattr(obs.InverseFactors, "get",
                         lambda self, *args: self.clear() or original_get(self, *args))  # never reuse
+    monkeypatch.setattr(SparseGPT, "stacks_rows", False)  # each layer alone
     alone = run(tmp_path / "alone")
     assert len(calls) == 2 * 2 * 4 + 2 * 2 * 7
     assert shared.keys() == alone.keys() and any("weights" in str(path) for path in shared)  # masks, weights, state
