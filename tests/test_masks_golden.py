@@ -77,12 +77,11 @@ def _stable_sort_drop_lowest(score, count):
 @pytest.fixture
 def unoptimised(monkeypatch):
     """Switch the pass back to how it was: sort-based selection, no shared statistics."""
-    from copal import masks, methods
-    from copal.methods import sparsegpt
+    from copal import masks, methods, obs
 
     def apply():
         monkeypatch.setattr(masks, "drop_lowest", _stable_sort_drop_lowest)
-        monkeypatch.setattr(sparsegpt, "drop_lowest", _stable_sort_drop_lowest)
+        monkeypatch.setattr(obs, "drop_lowest", _stable_sort_drop_lowest)
         for statistic in (methods.InputEnergy, methods.Hessian):
             monkeypatch.setattr(statistic, "input_only", False)
 
