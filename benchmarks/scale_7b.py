@@ -15,7 +15,7 @@ Needs about 13.5 GB of disk for the model plus what the step writes (the
 weight; `reprune` records masks only); the model and the run are deleted
 afterwards.
 
-    python benchmarks/scale_7b.py [--layers 32] [--regime accumulate] [--dtype float32]
+    python benchmarks/scale_7b.py [--layers 32] [--regime accumulate] [--method copal] [--hessian float32] [--dtype float32]
         [--nsamples 4] [--seqlen 128] [--eval-tokens 512] [--work DIR] [--out reports/scale_7b.json]
 """
 
@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--regime", default="accumulate")
+    parser.add_argument("--method", default="copal")
+    parser.add_argument("--hessian", default="float32", help="state.hessian: how an accumulated Hessian is stored")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the step (the shards are bf16)")
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
@@ -108,14 +110,17 @@ def main(argv=None) -> dict:
                                              torch.bfloat16, int(args.shard_gb * 1e9))
         tokenizer.save_pretrained(folder / "model")
         build_seconds = time.perf_counter() - started
-        config = step_config(folder, "scale7b", args.nsamples, args.seqlen, args.eval_tokens)
-        config |= {"regime": args.regime, "dtype": args.dtype}
+        config = step_config(folder, "scale7b", args.nsamples, args.seqlen, args.eval_tokens, args.method)
+        config |= {"regime": args.regime, "dtype": args.dtype, "state": {"hessian": args.hessian}}
         report, process_peak_mb = run_step(folder, config)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     step = report["record"]
     disk_mb = disk_bytes / 2**20
+    block = args.hidden * (4 * args.hidden + 3 * args.intermediate)  # q, k, v, o; gate, up, down
     result = {"shape": shape, "stored_dtype": "bfloat16", "compute_dtype": args.dtype, "regime": args.regime,
+              "method": args.method, "state_hessian": args.hessian,
+              "step_bytes_over_fp16_prunable": round(report["step_bytes_written"] / (2 * block * args.layers), 4),
               "shards": -(-disk_bytes // int(args.shard_gb * 1e9)), "disk_mb": round(disk_mb, 1),
               "calibration_tokens": args.nsamples * args.seqlen, "eval_tokens": args.eval_tokens,
               "build_seconds": round(build_seconds, 1), **step_figures(report, process_peak_mb, disk_mb),

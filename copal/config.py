@@ -17,7 +17,7 @@ from copal.names import NAME_RULE, is_safe_name
 from copal.options import Strict
 from copal.paths import shipped
 from copal.regimes import REGIMES
-from copal.codecs import CODECS
+from copal.codecs import CODECS, HESSIAN_CODECS
 
 # The choices a config offers are the registries' names, in their order (which is also
 # the order pydantic lists them in an error): adding a method, regime, structure, state
@@ -26,6 +26,7 @@ MethodName = Literal[tuple(METHODS)]
 RegimeName = Literal[tuple(REGIMES)]
 StructureName = Literal[STRUCTURES]
 StateFormat = Literal[tuple(CODECS)]
+HessianFormat = Literal[tuple(HESSIAN_CODECS)]
 DtypeName = Literal[tuple(DTYPES)]
 
 DEMO_CONFIG = shipped("configs/demo.yaml")
@@ -60,9 +61,16 @@ class StateOptions(Strict):
     with the bit-packed mask ≈ 0.235× the fp16 bytes of the prunable weights;
     `log8`/`log4`/`log3` the same with 2^8/16/8 levels; `bfloat16`; `float32`
     (2.06×, what runs stored before). Applies to a lineage's first step: later
-    steps keep their parent's format (docs/DESIGN-NOTES.md)."""
+    steps keep their parent's format (docs/DESIGN-NOTES.md).
+
+    `hessian`: how an accumulated Hessian (SparseGPT's, COPAL reconstruct's) is stored,
+    once per distinct layer input: `float32`, or `sym16`, its symmetric half in float16
+    with a scale (copal.codecs.SymmetricHalf16). A step whose weights a method
+    reconstructs from its accumulated state stores no weights: they are recomputed
+    from W0, the mask and the state wherever they are read."""
 
     format: StateFormat = "log6L"
+    hessian: HessianFormat = "float32"
 
 
 class RunConfig(Strict):

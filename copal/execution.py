@@ -34,6 +34,9 @@ class Resident:
     def holds_step(self, weights: WeightSource) -> None:
         """Nothing to do: the pass that computed the step wrote its weights into the model."""
 
+    def holds_state(self, state) -> None:
+        """Nothing to do (as `holds_step`): a recorded step (copal.state.StepState)."""
+
 
 class Streamed:
     """Only the non-block tensors in memory; each block read from the checkpoint when its turn comes."""
@@ -54,6 +57,10 @@ class Streamed:
     def holds_step(self, weights: WeightSource) -> None:
         """Evaluate with `weights` (a step's: its masks over W0, or its reconstructed weights)."""
         self.blocks.use_weights(weights)
+
+    def holds_state(self, state) -> None:
+        """Evaluate with a recorded step's weights (copal.state.StepState.weight)."""
+        self.holds_step(lambda name: state.weight(name, self.dense))
 
 
 def open_execution(location: str, dtype: str, trust_remote_code: bool, stream: bool) -> Resident | Streamed:

@@ -53,7 +53,9 @@ def start_step(session: RunSession, domain_index: int, parent_id: int | None = N
     step_id = max(run_dir.step_ids(), default=0) + 1
     steps_dir = steps_dir or run_dir.steps_dir
     check_free_space(steps_dir, expected_step_bytes(session, parent))
-    writer = StepWriter(steps_dir, step_id, session.config.state.format)
+    writer = StepWriter(steps_dir, step_id, session.config.state.format, session.config.state.hessian)
+    if session.regime.records_state:
+        writer.recompute_weights(session.method)
     return PendingStep(domain_index, step_id, parent, writer, metrics.PeakMemory(), time.perf_counter())
 
 
@@ -123,7 +125,7 @@ def finish_step(session: RunSession, step: PendingStep, evaluation: dict[str, Pe
         shutil.rmtree(final, ignore_errors=True)  # never a recorded step that HEAD's history skips
         raise
     state = StepState(final)
-    session.execution.holds_step(lambda name: state.weight(name, session.execution.dense))
+    session.execution.holds_state(state)
     write_metrics(session)
     return state.record
 

@@ -60,6 +60,9 @@ class StepRecord(_Record):
     tasks: dict[str, dict[str, Any]] | None = None  # lm-eval: task → metric → value
     task_items: dict[str, dict[str, Any]] | None = None  # lm-eval: task → {"items", "sha256"}
     files: dict[str, str] | None = None  # relative path → SHA-256, added by StepWriter.commit
+    # the method that recomputes the step's weights from W0, its masks and its state, when
+    # it stores none: {"method": name, "options": Method.options()} (copal.state.StepState.weight)
+    reweight: dict[str, Any] | None = None
 
 
 class StepSummary(_Record):

@@ -89,12 +89,13 @@ def reconstruction_error(weight: torch.Tensor, hessian: torch.Tensor, reference:
 
 def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, solver: str = "pcg",
           dampening: float = 0.01, options: PCGOptions = PCGOptions(), blocksize: int = 128,
-          layer: str | None = None) -> torch.Tensor:
+          layer: str | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """The refit weight (out, in), float32, zero where `keep` is False.
 
     `weight`: W0 (out, in); `hessian`: H (in, in), e.g. accumulated; `keep`: the
     bool keep-mask; `blocksize`: the OBS update's column block (SparseGPT's);
-    `layer`: the layer's name, for messages."""
+    `layer`: the layer's name, for messages; `start`: pcg's warm start when the
+    caller already holds one (SparseGPT's own update), instead of `options.warm_start`."""
     if solver not in SOLVERS:
         raise ValueError(f"refit solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     keep = keep.to(weight.device, torch.bool)
@@ -103,7 +104,9 @@ def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, solve
     damped = damped_hessian(hessian.to(weight.device), dampening)
     if solver == "exact":
         return exact_refit(weight, damped, keep)
-    if options.warm_start == "obs":
+    if start is not None:
+        start = start.to(weight.device)
+    elif options.warm_start == "obs":
         start = obs_refit(weight, hessian, keep, dampening, blocksize, layer)
     else:
         start = weight.float() * keep

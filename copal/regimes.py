@@ -19,7 +19,7 @@ import torch
 
 from copal.methods import Method
 from copal.model import DenseWeights
-from copal.codecs import CODECS
+from copal.codecs import codec_for
 from copal.state import StepState, StepWriter
 
 T = TypeVar("T")
@@ -29,6 +29,9 @@ class Regime:
     """A regime's answers; these defaults are reprune's (W0, this step's statistic alone)."""
 
     name: str
+    # True: each step records its statistic (the state the next step continues from); a
+    # method's reconstructed weights are then recomputed from it rather than stored.
+    records_state = False
 
     def calibration_domains(self, current: T, seen: list[T]) -> list[T]:
         """The domains whose calibration data this step uses: `current`, given the
@@ -46,6 +49,10 @@ class Regime:
                   writer: StepWriter) -> torch.Tensor | None:
         """The statistic the score uses, from this step's `fresh` one."""
         return fresh
+
+    def share_statistic(self, names: list[str], owner: str, writer: StepWriter) -> None:
+        """`names` read the same input as `owner` and use its input-only statistic (q/k/v,
+        gate/up): whatever the regime records of it is recorded once, under `owner`."""
 
 
 class Reprune(Regime):
@@ -74,24 +81,35 @@ class Accumulate(Regime):
     parent step stored it (decoded from its format, in a live run as in a
     replay); C_t is stored in the lineage's format: the parent's, so a lineage
     never changes format (runs begun before compact formats stay float32), or
-    for a first step the writer's (the config's `state.format`). Statistics
-    that are not one non-negative value per weight are stored in float32."""
+    for a first step the writer's (the config's `state.format` for a per-weight
+    statistic, `state.hessian` for a Hessian). Other statistics are stored in
+    float32. A codec with `live_roundtrip` gives the step C_t as decoded from
+    its stored form, so that weights recomputed from the state are the step's."""
 
     name = "accumulate"
+    records_state = True
 
     def statistic(self, name, fresh, method, parent, writer):
         if fresh is None:
             return None
         previous = parent.sensitivity(name) if parent is not None else None
         combined = method.combine(previous, fresh)
-        if not method.compact_state:
-            state_format = "float32"
-        elif previous is not None:
+        if previous is not None:
             state_format = parent.state_format(name)
-        else:
+        elif method.compact_state:
             state_format = writer.state_format
-        writer.sensitivity.add(name, combined, CODECS[state_format])
+        elif method.symmetric_state:
+            state_format = writer.hessian_format
+        else:
+            state_format = "float32"
+        codec = codec_for(state_format)
+        if codec.live_roundtrip:
+            combined = codec.roundtrip(combined)
+        writer.sensitivity.add(name, combined, codec)
         return combined
+
+    def share_statistic(self, names, owner, writer):
+        writer.sensitivity.alias(names, owner)
 
 
 class Joint(Regime):

@@ -120,6 +120,8 @@ def replay_step(session, step_id: int) -> ReplayResult:
     result = ReplayResult(step_id, threads, facts, {}, domain=record.domain)
     with tempfile.TemporaryDirectory() as scratch, torch_threads(threads):
         step = lifecycle.start_step(session, index, parent_id=record.parent, steps_dir=Path(scratch))
+        if record.reweight is None:  # a step that stored its weights (recorded before they were recomputed)
+            step.writer.recompute_weights(None)
         lifecycle.calibrate(session, step)
         lifecycle.prune(session, step)
         result.agreement = _mask_agreement(step.writer, state)
@@ -132,9 +134,9 @@ def replay_step(session, step_id: int) -> ReplayResult:
             ppl, _ = session.execution.perplexity(session.domains.windows(domain), session.device,
                                                   session.config.evaluation.batch_size)
             result.ppl = (record.ppl[record.domain], ppl)
-    head = session.dir.step(session.dir.head()) if session.dir.head() else None
-    if head is not None:  # evaluations after this one see HEAD's weights again, not the replay's
-        session.execution.holds_step(lambda name: head.weight(name, session.execution.dense))
+    head_id = session.dir.head()
+    if head_id:  # evaluations after this one see HEAD's weights again, not the replay's
+        session.execution.holds_state(session.dir.step(head_id))
     return result
 
 

@@ -4,10 +4,14 @@
     RUN_DIR/steps/K/masks.safetensors            keep-masks of every pruned layer, bit-packed
     RUN_DIR/steps/K/sensitivity/block-NNNN.safetensors   accumulated statistic (accumulate regime),
                                                  in the format its metadata names (see StateCodec)
-    RUN_DIR/steps/K/weights/block-NNNN.safetensors       reconstructed weights (sparsegpt only)
+    RUN_DIR/steps/K/sensitivity/aliases.json     layers that share another's statistic (q/k/v, gate/up)
+    RUN_DIR/steps/K/weights/block-NNNN.safetensors       reconstructed weights (sparsegpt, copal
+                                                 reconstruct) where no recorded state recomputes them
 
 Per-block files keep memory bounded: a step never holds more than one block's
-statistics or weights. A step is written under `steps/.K.partial` and renamed
+statistics or weights. Under accumulate a step's reconstructed weights are not
+kept: the record names the method (`reweight`) that recomputes them, bit for bit,
+from W0, the mask and the recorded state (`StepState.weight`). A step is written under `steps/.K.partial` and renamed
 into place when complete, so a step directory is either whole or absent.
 step.json, written last, records the SHA-256 of every other file of the step
 (`files`); readers check them (`StepState.verify`) before trusting the step.
@@ -18,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,9 +31,11 @@ from safetensors.torch import save_file
 
 from copal import masks as maskio
 from copal.atomic import write_atomic
-from copal.codecs import CODECS, FORMAT_KEY, STATE_VERSION, StateCodec, codec_for
+from copal.blockfiles import BlockedTensors, InOrder
+from copal.codecs import CODECS, FORMAT_KEY, StateCodec, codec_for
 from copal.digests import check_digests, tree_digests
 from copal.errors import InputError
+from copal.methods import METHODS
 from copal.model import DenseWeights
 from copal.records import StepRecord
 
@@ -51,108 +56,16 @@ def read_json(path: Path, what: str):
         raise InputError(f"{path}: {what} is corrupt (not valid JSON)") from None
 
 
-def _block_file(index: int) -> str:
-    return f"block-{index:04d}.safetensors"
-
-
-class _InOrder:
-    """One worker thread that runs what a step writes (state encoding, file writes) in
-    submission order, so they overlap the pass's next block instead of stalling it.
-    `wait` returns when everything submitted is done and raises the first failure."""
-
-    def __init__(self):
-        self._pool: ThreadPoolExecutor | None = None
-        self._futures: list[Future] = []
-
-    def submit(self, function, *args) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copal-step-writer")
-        future = self._pool.submit(function, *args)
-        self._futures.append(future)
-        return future
-
-    def wait(self) -> None:
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()
-
-    def close(self) -> None:
-        """Wait for everything, failures ignored (an abandoned step), and stop the thread."""
-        for future in self._futures:
-            future.exception()
-        self._futures = []
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-
-class _BlockedTensors:
-    """Tensors saved one file per block, with an index name → file. A layer's
-    tensor may be stored encoded (a StateCodec); the file then names its format
-    in its metadata, and holds the codec's tensors for the layer.
-
-    Encoding and writing run on the step's `_InOrder` worker; a block's file is
-    written while the next block computes, and `flush` waits for the block before
-    it, so at most two blocks' tensors wait in memory."""
-
-    def __init__(self, folder: Path, worker: _InOrder):
-        self.folder = folder
-        self.worker = worker
-        self.pending: list[Future | dict[str, torch.Tensor]] = []
-        self.pending_names: list[str] = []
-        self.pending_format: str | None = None  # None: plain tensors (float32 or the weights' dtype)
-        self.index: dict[str, str] = {}
-        self._last_write: Future | None = None
-
-    def add(self, name: str, tensor: torch.Tensor, codec: StateCodec | None = None) -> None:
-        label = None if codec is None or codec.name == "float32" else f"{codec.name}/v{STATE_VERSION}"
-        if self.pending_names and label != self.pending_format:
-            raise RuntimeError(f"{name}: one block file holds one state format "
-                               f"({self.pending_format or 'float32'} already, {label or 'float32'} given)")
-        self.pending_format = label
-        self.pending_names.append(name)
-        if label is not None:  # encoded on the compute device, by the worker: the pass goes on meanwhile
-            self.pending.append(self.worker.submit(_encoded, codec, name, tensor.detach()))
-            return
-        tensor = tensor.detach().to("cpu").contiguous()
-        plain = [item for item in self.pending if isinstance(item, dict)]
-        if any(tensor.data_ptr() == other.data_ptr() for item in plain for other in item.values()):
-            tensor = tensor.clone()  # layers may share a statistic; a file holds each tensor once
-        self.pending.append({name: tensor})
-
-    def flush(self, block: int) -> None:
-        if not self.pending:
-            return
-        if self._last_write is not None:
-            self._last_write.result()  # the block before: written, its memory free
-        metadata = {FORMAT_KEY: self.pending_format} if self.pending_format else None
-        self._last_write = self.worker.submit(self._write, self.pending, _block_file(block), metadata)
-        self.index.update({name: _block_file(block) for name in self.pending_names})
-        self.pending, self.pending_names, self.pending_format = [], [], None
-
-    def _write(self, items: list, file: str, metadata: dict | None) -> None:
-        tensors = {}
-        for item in items:
-            tensors.update(item.result() if isinstance(item, Future) else item)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.folder / file), metadata=metadata)
-
-    def close(self) -> None:
-        if self.index:
-            write_json(self.folder / "index.json", self.index)
-
-
-def _encoded(codec: StateCodec, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {key: part.to("cpu") for key, part in codec.encode(name, tensor).items()}
-
-
 class StepWriter:
     """Collects one step's masks, statistics and weights under a partial directory."""
 
-    def __init__(self, steps_dir: Path, step_id: int, state_format: str = "float32"):
-        """`state_format`: how a new lineage's accumulated statistic is stored
-        (copal.codecs.CODECS; the config's `state.format`)."""
+    def __init__(self, steps_dir: Path, step_id: int, state_format: str = "float32",
+                 hessian_format: str = "float32"):
+        """`state_format`, `hessian_format`: how a new lineage's accumulated per-weight
+        statistic and Hessian are stored (copal.codecs.CODECS and HESSIAN_CODECS; the
+        config's `state.format` and `state.hessian`)."""
         self.state_format = state_format
+        self.hessian_format = hessian_format
         self.final = steps_dir / str(step_id)
         self.partial = steps_dir / f".{step_id}.partial"
         if self.partial.exists():
@@ -161,9 +74,16 @@ class StepWriter:
         self.packed_masks: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, list[int]] = {}
         self.nonzero: dict[str, int] = {}
-        self.worker = _InOrder()
-        self.sensitivity = _BlockedTensors(self.partial / "sensitivity", self.worker)
-        self.weights = _BlockedTensors(self.partial / "weights", self.worker)
+        self.worker = InOrder()
+        self.sensitivity = BlockedTensors(self.partial / "sensitivity", self.worker)
+        self.weights = BlockedTensors(self.partial / "weights", self.worker)
+        self.reweight: dict | None = None  # set by `recompute_weights`
+
+    def recompute_weights(self, method) -> None:
+        """The step's weights are recomputed from its state by `method` (Method.reweight)
+        wherever they are read: the step keeps them only until it is committed.
+        None: they are stored (as steps recorded before recomputing existed)."""
+        self.reweight = None if method is None else {"method": method.name, "options": method.options()}
 
     def add_mask(self, name: str, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Record a layer's keep-mask, bit-packed from the start (a bool mask costs a
@@ -211,7 +131,11 @@ class StepWriter:
             save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
             self.sensitivity.close()
             self.weights.close()
-            record = record.model_copy(update={"files": tree_digests(self.partial)})
+            update = {}
+            if self.reweight is not None and self.weights.index:
+                shutil.rmtree(self.weights.folder, ignore_errors=True)
+                update["reweight"] = self.reweight
+            record = record.model_copy(update=update | {"files": tree_digests(self.partial)})
             write_json(self.partial / "step.json", record.as_json())
             os.replace(self.partial, self.final)
         except BaseException:
@@ -249,6 +173,7 @@ class StepState:
             raise InputError(f"{folder / 'step.json'}: records step {self.record.step!r}, not {folder.name}")
         self._indexes: dict[str, dict[str, str]] = {}
         self._verified = False
+        self._method = None  # the method that recomputes the weights (record.reweight)
 
     @property
     def id(self) -> int:
@@ -301,18 +226,27 @@ class StepState:
             self._indexes[kind] = read_json(index_path, f"{kind} index") if index_path.exists() else {}
         return self._indexes[kind]
 
+    def _aliases(self, kind: str) -> dict[str, str]:
+        """Layer → the layer whose stored tensor it shares (older steps: none)."""
+        key = f"{kind}/aliases"
+        if key not in self._indexes:
+            path = self.folder / kind / "aliases.json"
+            self._indexes[key] = read_json(path, f"{kind} aliases") if path.exists() else {}
+        return self._indexes[key]
+
     def _blocked(self, kind: str, name: str) -> tuple[torch.Tensor, StateCodec] | None:
         index = self._index(kind)
         if name not in index:
             return None
         path = self.folder / kind / index[name]
+        key = self._aliases(kind).get(name, name)
         with self._open(path) as handle:
             try:
                 label = (handle.metadata() or {}).get(FORMAT_KEY)
                 codec = codec_for(label) if label else CODECS["float32"]
                 if kind == "weights":
-                    return handle.get_tensor(name), codec
-                return codec.decode(name, handle.get_tensor), codec
+                    return handle.get_tensor(key), codec
+                return codec.decode(key, handle.get_tensor), codec
             except SafetensorError as error:
                 raise InputError(f"{path}: corrupt snapshot file ({error})") from None
             except InputError as error:
@@ -339,9 +273,31 @@ class StepState:
         return codec_for(label).name if label else "float32"
 
     def weight(self, name: str, dense: DenseWeights) -> torch.Tensor:
-        """The layer's weight after this step: stored weights, else W0 ⊙ mask."""
+        """The layer's weight after this step: stored weights; else recomputed from W0,
+        the mask and the recorded state by the method the record names (`reweight`);
+        else W0 ⊙ mask."""
         stored = self._blocked("weights", name)
         if stored is not None:
             return stored[0]
         base = dense.get(name)
-        return base * self.mask(name).to(base.device, base.dtype)
+        keep = self.mask(name).to(base.device)
+        if self.record.reweight is not None:
+            recomputed = self._reweigher().reweight(base, self._state_on(name, base.device), keep, name)
+            if recomputed is not None:
+                return recomputed.to(base.dtype)
+        return base * keep.to(base.dtype)
+
+    def _reweigher(self):
+        if self._method is None:
+            spec = self.record.reweight
+            try:
+                self._method = METHODS[spec["method"]](**spec["options"])
+            except (KeyError, TypeError):
+                raise InputError(f"{self.folder / 'step.json'}: corrupt step record (reweight: {spec!r})") from None
+        return self._method
+
+    def _state_on(self, name: str, device: torch.device) -> torch.Tensor:
+        value = self.sensitivity(name)
+        if value is None:
+            raise InputError(f"{self.folder}: its weights are recomputed from its state, which has none for {name}")
+        return value.to(device)

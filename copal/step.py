@@ -82,20 +82,20 @@ class StepPolicy:
 
     def prune_layers(self, names: list[str], bases: list[torch.Tensor],
                      fresh: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Layers that read one input (copal.calibrate.input_groups). Where the method
-        prunes rows independently (`Method.stacks_rows`) and the layers' statistics are
-        equal, they are pruned as one matrix, their rows stacked: the same arithmetic
-        per row, one pass of the method's loop instead of one per layer."""
-        stacked = (len(names) > 1 and self.method.stacks_rows and self.precomputed is None
-                   and self.structure.scope != "layer")
-        if not stacked:
+        """Layers that read one input (copal.calibrate.input_groups). An input-only
+        statistic they share is combined and recorded once (`Regime.share_statistic`).
+        Where the method prunes rows independently (`Method.stacks_rows`) and the layers'
+        statistics are equal, they are pruned as one matrix, their rows stacked: the
+        same arithmetic per row, one pass of the method's loop instead of one per layer."""
+        if self.precomputed is not None:
             return [self.prune_layer(name, base, stat) for name, base, stat in zip(names, bases, fresh)]
         for name, base in zip(names, bases):
             check_fits(self.structure, name, tuple(base.shape))
-        stats = [self.regime.statistic(name, stat, self.method, self.parent, self.writer)
-                 for name, stat in zip(names, fresh)]
+        stats = self._statistics(names, fresh)
         forced = [self.regime.forced_prune(name, self.parent) for name in names]
-        if not all(stat is stats[0] or torch.equal(stat, stats[0]) for stat in stats[1:]):
+        stacked = (len(names) > 1 and self.method.stacks_rows and self.structure.scope != "layer"
+                   and all(stat is stats[0] or torch.equal(stat, stats[0]) for stat in stats[1:]))
+        if not stacked:
             return [self._apply(*layer) for layer in zip(names, bases, stats, forced)]
         rows = [base.shape[0] for base in bases]
         both = None if all(f is None for f in forced) else torch.cat(
@@ -105,6 +105,16 @@ class StepPolicy:
         # clones: a step's files must not hold views of one storage
         weights = [part.clone() for part in weight.split(rows)] if weight is not None else [None] * len(names)
         return [self._record(*layer) for layer in zip(names, bases, masks, weights)]
+
+    def _statistics(self, names: list[str], fresh: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The statistic each layer's score uses; one shared input-only statistic
+        (the same fresh tensor for every layer) is combined once."""
+        if len(names) > 1 and fresh[0] is not None and all(stat is fresh[0] for stat in fresh[1:]):
+            shared = self.regime.statistic(names[0], fresh[0], self.method, self.parent, self.writer)
+            self.regime.share_statistic(names[1:], names[0], self.writer)
+            return [shared] * len(names)
+        return [self.regime.statistic(name, stat, self.method, self.parent, self.writer)
+                for name, stat in zip(names, fresh)]
 
     def prune_layer(self, name: str, base: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
         check_fits(self.structure, name, tuple(base.shape))

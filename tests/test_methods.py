@@ -148,6 +148,7 @@ def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_
     from copal.config import build_config
     from copal.continual import ContinualRun
     from copal.methods.sparsegpt import SparseGPT
+    from copal.state import StepState
 
     calls = []
     factorise = obs._inverse_cholesky
@@ -157,21 +158,31 @@ def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_
     raw["domains"] = raw["domains"][:2]
 
     def run(root):
-        ContinualRun(build_config(raw), root, data_dir=data_dir).run()
-        return {path.relative_to(root): load_file(path) for path in sorted(root.glob("steps/**/*.safetensors"))}
+        continual = ContinualRun(build_config(raw), root, data_dir=data_dir)
+        continual.run()
+        return continual, {path.relative_to(root): load_file(path) for path in sorted(root.glob("steps/**/*.safetensors"))}
 
-    shared = run(tmp_path / "shared")
+    def weights(continual, root):
+        """Every step's weights: stored, or (accumulate) recomputed from its state."""
+        dense = continual.session.execution.dense
+        return {step.name: {name: state.weight(name, dense) for name in state.mask_names()}
+                for step in sorted((root / "steps").iterdir()) for state in [StepState(step)]}
+
+    shared_run, shared = run(tmp_path / "shared")
     assert len(calls) == 2 * 2 * 4  # 2 steps x 2 blocks x (qkv, o, gate/up, down)
     assert {name.rsplit(".", 1)[-1] for name in calls} == {"q_proj", "o_proj", "gate_proj", "down_proj"}
     original_get = obs.InverseFactors.get
     monkeypatch.setattr(obs.InverseFactors, "get",
                         lambda self, *args: self.clear() or original_get(self, *args))  # never reuse
     monkeypatch.setattr(SparseGPT, "stacks_rows", False)  # each layer alone
-    alone = run(tmp_path / "alone")
+    alone_run, alone = run(tmp_path / "alone")
     assert len(calls) == 2 * 2 * 4 + 2 * 2 * 7
-    assert shared.keys() == alone.keys() and any("weights" in str(path) for path in shared)  # masks, weights, state
+    assert shared.keys() == alone.keys()  # masks and state (and weights where they are stored)
     for path, tensors in shared.items():
         assert all(torch.equal(tensors[key], alone[path][key]) for key in tensors), path
+    shared, alone = weights(shared_run, tmp_path / "shared"), weights(alone_run, tmp_path / "alone")
+    for step, layers in shared.items():
+        assert all(torch.equal(weight, alone[step][name]) for name, weight in layers.items()), step
 
 
 def test_config_choices_are_the_registries_names():

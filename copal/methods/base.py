@@ -42,6 +42,9 @@ class Statistic:
     # True when it holds one non-negative value per weight, (out, in): the accumulate
     # regime may then store it in a compact format (copal.state).
     per_weight = False
+    # True when it is a symmetric (in, in) matrix (a Hessian): the accumulate regime may
+    # store its upper half in a compact format (copal.codecs.HESSIAN_CODECS).
+    symmetric = False
 
     def __init__(self, shape: tuple[int, int], device: torch.device):
         self.value = torch.zeros(self.value_shape(*shape), device=device)
@@ -101,6 +104,19 @@ class Method:
         `layer`: the layer's name, for messages."""
         return select_mask(self.score(weight.float(), stat), structure, forced_prune), None
 
+    def reweight(self, weight: torch.Tensor, stat: torch.Tensor | None, keep: torch.Tensor,
+                 layer: str | None = None) -> torch.Tensor | None:
+        """The weight `prune` gives a layer whose mask is `keep`, from `weight` and the
+        statistic it pruned with, computed again (bit for bit, on the same machine);
+        None when the kept weights are unchanged (W ⊙ keep). Lets a step that stored its
+        statistic store no weights (copal.state.StepState.weight)."""
+        return None
+
+    def options(self) -> dict:
+        """The keyword arguments that build this method again (a step records them to
+        recompute its weights)."""
+        return {}
+
     def finish_block(self) -> None:
         """The layer-wise pass finished a block: drop anything kept for its layers."""
 
@@ -121,6 +137,11 @@ class Method:
         compact format (copal.state): a per-weight layer statistic, or a whole-model
         one (COPAL's |∂L/∂W|). Wanda's (in,) and SparseGPT's Hessian stay float32."""
         return self.statistic.per_weight if self.statistic is not None else self.whole_model
+
+    @property
+    def symmetric_state(self) -> bool:
+        """Whether the accumulated statistic is a symmetric matrix (state.hessian's formats)."""
+        return self.statistic is not None and self.statistic.symmetric
 
     def _scale(self, fresh: torch.Tensor) -> torch.Tensor:
         return (self.statistic or Statistic).scale(fresh)

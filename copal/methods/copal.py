@@ -15,7 +15,7 @@ from pydantic import model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from copal.masks import select_mask
+from copal.masks import Structure, select_mask
 from copal.methods.base import Method, Statistic, accumulate
 from copal.methods.sparsegpt import Hessian
 from copal.obs import InverseFactors, sparsegpt_prune
@@ -148,12 +148,23 @@ class Copal(Method):
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
         if not self.reconstruct:
             return super().prune(weight, stat, structure, forced_prune, layer)
-        sensitivity, hessian = split_hessian(stat)
+        sensitivity, _ = split_hessian(stat)
         keep = select_mask(self.score(weight.float(), sensitivity), structure, forced_prune)
+        return keep, self.reweight(weight, stat, keep, layer)
+
+    def reweight(self, weight, stat, keep, layer=None):
+        if not self.reconstruct:
+            return None
+        _, hessian = split_hessian(stat)
         if self.refit == "pcg":
-            return keep, refit_kept(weight, hessian, keep, "pcg", self.dampening, blocksize=self.blocksize, layer=layer)
-        return sparsegpt_prune(weight, hessian, structure, forced_prune, self.blocksize, self.dampening, layer, keep,
-                               self.factors)
+            return refit_kept(weight, hessian, keep, "pcg", self.dampening, blocksize=self.blocksize, layer=layer)
+        return sparsegpt_prune(weight, hessian, Structure(0.0), None, self.blocksize, self.dampening, layer, keep,
+                               self.factors)[1]
+
+    def options(self):
+        return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
+                "reconstruct": self.reconstruct, "refit": self.refit, "blocksize": self.blocksize,
+                "dampening": self.dampening}
 
     def finish_block(self):
         self.factors.clear()

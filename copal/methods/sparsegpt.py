@@ -2,12 +2,15 @@
 as its statistic, and the layer-wise OBS pruning with weight reconstruction of
 copal.obs (written from the paper's Algorithm 1) as its prune."""
 
-import torch
+from typing import Literal
+
 from pydantic import Field
 
+from copal.masks import Structure
 from copal.methods.base import Method, Statistic
 from copal.obs import InverseFactors, sparsegpt_prune
 from copal.options import Strict
+from copal.refit import refit as refit_kept
 
 
 class SparseGPTOptions(Strict):
@@ -15,12 +18,16 @@ class SparseGPTOptions(Strict):
 
     blocksize: int = Field(128, gt=0, description="columns per OBS block")
     dampening: float = Field(0.01, gt=0, description="λ = dampening · mean(diag H) added to H's diagonal")
+    # `pcg`: after SparseGPT's own pass (its mask and OBS update), conjugate gradient from
+    # that update towards the least-squares optimum of the kept weights (copal.refit).
+    refit: Literal["obs", "pcg"] = Field("obs", description="obs: SparseGPT's update as it is; pcg: then refit")
 
 
 class Hessian(Statistic):
     """H = Σ x xᵀ."""
 
     input_only = True
+    symmetric = True
 
     @staticmethod
     def value_shape(out_features, in_features):
@@ -39,18 +46,33 @@ class SparseGPT(Method):
     statistic = Hessian
     stacks_rows = True  # per-row masks (unstructured per row, N:M) and a row-wise OBS update
 
-    def __init__(self, blocksize: int = 128, dampening: float = 0.01):
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01, refit: str = "obs"):
         self.blocksize = blocksize
         self.dampening = dampening
+        self.refit = refit
         self.factors = InverseFactors()
 
     @classmethod
     def from_config(cls, config):
-        return cls(config.sparsegpt.blocksize, config.sparsegpt.dampening)
+        return cls(**config.sparsegpt.model_dump())
 
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
-        return sparsegpt_prune(weight, stat, structure, forced_prune, self.blocksize, self.dampening, layer,
-                               factors=self.factors)
+        keep, updated = sparsegpt_prune(weight, stat, structure, forced_prune, self.blocksize, self.dampening, layer,
+                                        factors=self.factors)
+        if self.refit == "pcg":
+            updated = refit_kept(weight, stat, keep, "pcg", self.dampening, layer=layer, start=updated)
+        return keep, updated
+
+    def reweight(self, weight, stat, keep, layer=None):
+        # with the mask given, sparsegpt_prune runs the same updates as when it chose it
+        _, updated = sparsegpt_prune(weight, stat, Structure(0.0), None, self.blocksize, self.dampening, layer,
+                                     keep, self.factors)
+        if self.refit == "pcg":
+            updated = refit_kept(weight, stat, keep, "pcg", self.dampening, layer=layer, start=updated)
+        return updated
+
+    def options(self):
+        return {"blocksize": self.blocksize, "dampening": self.dampening, "refit": self.refit}
 
     def finish_block(self):
         self.factors.clear()

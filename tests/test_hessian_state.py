@@ -1,0 +1,123 @@
+"""Second-order continual state (issue 20 item 1): an accumulated Hessian stored
+once per distinct layer input, as its symmetric half (`state.hessian: sym16`), and
+reconstructed weights recomputed from W0, the mask and that state instead of stored
+— bit for bit the weights the step evaluated."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import small_config
+from copal.codecs import HESSIAN_CODECS, SymmetricHalf16, codec_for
+from copal.config import build_config
+from copal.continual import ContinualRun
+from copal.errors import InputError
+from copal.methods import SparseGPT
+from copal.model import all_prunable
+from copal.records import StepRecord
+from copal.regimes import REGIMES
+from copal.state import StepState, StepWriter
+
+
+def _hessian(size=40, tokens=200, seed=0) -> torch.Tensor:
+    x = torch.randn(tokens, size, generator=torch.Generator().manual_seed(seed)) * torch.logspace(-3, 1, size)
+    return x.t() @ x
+
+
+def test_sym16_keeps_the_upper_half_in_float16_and_decodes_symmetric():
+    codec, value = SymmetricHalf16(), _hessian()
+    encoded = codec.encode("h", value)
+    assert set(encoded) == set(codec.keys("h"))
+    assert encoded["h.upper"].dtype == torch.float16 and encoded["h.upper"].numel() == 40 * 41 // 2
+    decoded = codec.decode("h", encoded.__getitem__)
+    assert torch.equal(decoded, decoded.t()) and torch.equal(decoded, codec.roundtrip(value))
+    normal = value.abs() >= value.abs().max() * 2 ** -24  # float16's normal range after the scale
+    error = ((decoded - value).abs() / value.abs().clamp(min=1e-30))[normal]
+    assert error.max() <= 2 ** -11
+    assert torch.equal(codec.decode("h", codec.encode("h", value.clone()).__getitem__), decoded)
+    assert codec_for("sym16/v1") is HESSIAN_CODECS["sym16"]
+    with pytest.raises(ValueError, match="square"):
+        codec.encode("h", torch.ones(3, 4))
+    with pytest.raises(ValueError, match="finite"):
+        codec.encode("h", torch.full((3, 3), float("nan")))
+
+
+def test_a_float32_lineage_keeps_float32_hessians(tmp_path):
+    """state.hessian applies to a lineage's first step; later steps keep the parent's format."""
+    accumulate, method = REGIMES["accumulate"], SparseGPT()
+    first = StepWriter(tmp_path / "a", 1, hessian_format="float32")
+    accumulate.statistic("l", _hessian(seed=1), method, None, first)
+    first.finish_block(0)
+    parent = StepState(first.commit(StepRecord(step=1, parent=0)))
+    second = StepWriter(tmp_path / "b", 2, hessian_format="sym16")
+    combined = accumulate.statistic("l", _hessian(seed=2), method, parent, second)
+    assert torch.equal(combined, method.combine(parent.sensitivity("l"), _hessian(seed=2)))
+    second.finish_block(0)
+    assert StepState(second.commit(StepRecord(step=2, parent=1))).state_format("l") == "float32"
+
+
+def _groups(names):
+    by_block = {}
+    for name in names:
+        by_block.setdefault(name.rsplit(".", 2)[0], []).append(name.rsplit(".", 1)[1])
+    return by_block
+
+
+@pytest.mark.parametrize("settings", [
+    {"method": "sparsegpt", "state": {"hessian": "sym16"}},
+    {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
+    {"method": "copal", "copal": {"reconstruct": True, "refit": "pcg"}},
+])
+def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, settings,
+                                                                        monkeypatch):
+    evaluated = {}  # (step, layer) → the weight the step evaluated, as its writer held it before the commit
+    commit = StepWriter.commit
+
+    def keep_evaluated(writer, record):
+        writer.worker.wait()
+        for file in writer.weights.folder.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as handle:
+                evaluated.update({(record.step, key): handle.get_tensor(key) for key in handle.keys()})
+        return commit(writer, record)
+
+    monkeypatch.setattr(StepWriter, "commit", keep_evaluated)
+    config = build_config(small_config(llama_dir, corpus_dir, **settings))
+    run = ContinualRun(config, tmp_path / "run")
+    run.run()
+    dense = run.session.execution.dense
+    names = list(all_prunable(run.session.execution.model))
+    for step in (1, 3):
+        state = StepState(tmp_path / f"run/steps/{step}")
+        assert not (state.folder / "weights").exists()
+        assert state.record.reweight["method"] == config.method
+        for name in names:
+            assert torch.equal(state.weight(name, dense), evaluated[step, name]), (step, name)
+    head = StepState(tmp_path / "run/steps/3")
+    if config.method != "sparsegpt":
+        return
+    aliases = json.loads((head.folder / "sensitivity/aliases.json").read_text())
+    owners = {alias.rsplit(".", 1)[1]: owner.rsplit(".", 1)[1] for alias, owner in aliases.items()}
+    assert {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.items() <= owners.items()
+    stored = set()
+    for file in (head.folder / "sensitivity").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            assert handle.metadata()["copal_state_format"] == "sym16/v1"
+            stored |= {key.rsplit(".", 1)[0] for key in handle.keys()}
+    assert not stored & set(aliases)  # each distinct input's Hessian once
+    for alias, owner in aliases.items():
+        assert torch.equal(head.sensitivity(alias), head.sensitivity(owner))
+
+
+def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus_dir):
+    config = build_config(small_config(llama_dir, corpus_dir, method="sparsegpt", domains=small_config(
+        llama_dir, corpus_dir)["domains"][:1]))
+    run = ContinualRun(config, tmp_path / "run")
+    run.run()
+    record = json.loads((tmp_path / "run/steps/1/step.json").read_text())
+    record["reweight"] = {"method": "sparsegpt", "options": {"blocksize": 128, "bogus": 1}}
+    (tmp_path / "run/steps/1/step.json").write_text(json.dumps(record))
+    name = next(iter(all_prunable(run.session.execution.model)))
+    with pytest.raises(InputError, match="reweight"):
+        StepState(tmp_path / "run/steps/1").weight(name, run.session.execution.dense)
