@@ -195,31 +195,34 @@ class _BlockJacobi:
 def pcg_refit(weight: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
               options: PCGOptions = PCGOptions()) -> torch.Tensor:
     """CG on every row at once for M ⊙ (Ŵ H) = M ⊙ (W0 H) over Ŵ = Ŵ ⊙ M, from `start`.
-    Row-wise step sizes; a row that reached the tolerance is frozen (its step and
-    direction stop changing), and the loop ends when every row has."""
+    Row-wise step sizes; a row that reached the tolerance is frozen (its step is 0 from
+    then on: its residual no longer changes, so it stays below the tolerance), and the
+    loop ends when every row has. Updates run in place: besides the one product with
+    H, an iteration is a few passes over the (rows × in) matrices."""
     mask = keep.float()
     h = damped.float()
     x = start.float() * mask
-    b = (weight.float() @ h) * mask
-    r = b - (x @ h) * mask
+    b = (weight.float() @ h).mul_(mask)
+    r = b - (x @ h).mul_(mask)
     precondition = (_Jacobi(h, mask) if options.preconditioner == "jacobi"
                     else _BlockJacobi(h, keep, options.block_size))
     z = precondition(r)
     p = z.clone()
-    rz = (r * z).sum(1)
+    rz = torch.linalg.vecdot(r, z)
     limit = options.tolerance * b.norm(dim=1)
+    tiny = torch.finfo(torch.float32).tiny
     for _ in range(options.iterations):
         active = r.norm(dim=1) > limit
         if not bool(active.any()):
             break
-        hp = (p @ h) * mask
-        curvature = (p * hp).sum(1)
-        alpha = torch.where(active & (curvature > 0), rz / curvature.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * hp
+        hp = (p @ h).mul_(mask)
+        curvature = torch.linalg.vecdot(p, hp)
+        alpha = torch.where(active & (curvature > 0), rz / curvature.clamp(min=tiny), 0.0)[:, None]
+        x.addcmul_(p, alpha)
+        r.addcmul_(hp, alpha, value=-1)
         z = precondition(r)
-        rz_next = (r * z).sum(1)
-        beta = torch.where(active & (rz > 0), rz_next / rz.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-        p = torch.where(active[:, None], z + beta[:, None] * p, p)
+        rz_next = torch.linalg.vecdot(r, z)
+        beta = torch.where(active & (rz > 0), rz_next / rz.clamp(min=tiny), 0.0)
+        p.mul_(beta[:, None]).add_(z)  # a frozen row's direction no longer matters: its step is 0
         rz = torch.where(active, rz_next, rz)
     return x * mask

@@ -70,8 +70,8 @@ def _groups(names):
     {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
     {"method": "copal", "copal": {"reconstruct": True, "refit": "pcg"}},
 ])
-def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, settings,
-                                                                        monkeypatch):
+def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,
+                                                                        settings, monkeypatch):
     evaluated = {}  # (step, layer) → the weight the step evaluated, as its writer held it before the commit
     commit = StepWriter.commit
 
@@ -110,7 +110,7 @@ def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path
         assert torch.equal(head.sensitivity(alias), head.sensitivity(owner))
 
 
-def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus_dir):
+def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus_dir, data_dir):
     config = build_config(small_config(llama_dir, corpus_dir, method="sparsegpt", domains=small_config(
         llama_dir, corpus_dir)["domains"][:1]))
     run = ContinualRun(config, tmp_path / "run")

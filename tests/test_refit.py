@@ -157,3 +157,22 @@ def test_refit_pcg_needs_reconstruct():
     assert CopalOptions(reconstruct=True, refit="pcg").refit == "pcg"
     with pytest.raises(ValueError, match="needs reconstruct: true"):
         CopalOptions(refit="pcg")
+
+
+@pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4))])
+def test_sparsegpt_refit_keeps_its_mask_lowers_the_error_and_recomputes_bit_for_bit(structure):
+    """`sparsegpt: {refit: pcg}`: SparseGPT's own mask, its update refit towards the
+    least-squares optimum (a lower layer objective than the OBS update alone), and
+    `reweight` (what a step that stores no weights runs) gives the same bits."""
+    from copal.methods import SparseGPT
+
+    weight, hessian = _layer(rows=32, cols=64)
+    obs_keep, obs_weight = SparseGPT(blocksize=16).prune(weight, hessian, structure)
+    method = SparseGPT(blocksize=16, refit="pcg", refit_iterations=20)
+    keep, refit_weight = method.prune(weight, hessian, structure)
+    assert torch.equal(keep, obs_keep) and (refit_weight[~keep] == 0).all()
+    error = reconstruction_error(refit_weight, hessian, weight).sum()
+    exact = reconstruction_error(refit(weight, hessian, keep, "exact"), hessian, weight).sum()
+    assert error < reconstruction_error(obs_weight, hessian, weight).sum() and error <= 1.01 * exact
+    assert torch.equal(method.reweight(weight, hessian, keep), refit_weight)
+    assert method.options()["refit_iterations"] == 20

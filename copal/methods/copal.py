@@ -21,7 +21,7 @@ from copal.methods.sparsegpt import Hessian
 from copal.obs import InverseFactors, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 from copal.options import Strict
-from copal.refit import refit as refit_kept
+from copal.refit import PCGOptions, refit as refit_kept
 
 
 class CopalOptions(Strict):
@@ -123,13 +123,15 @@ class Copal(Method):
     name = "copal"
 
     def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum",
-                 reconstruct: bool = False, refit: str = "obs", blocksize: int = 128, dampening: float = 0.01):
+                 reconstruct: bool = False, refit: str = "obs", blocksize: int = 128, dampening: float = 0.01,
+                 refit_iterations: int = 20):
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
         self.reconstruct = reconstruct
         self.refit = refit
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
+        self.pcg = PCGOptions(iterations=refit_iterations)
         self.factors = InverseFactors()
         if sensitivity == "loss":
             self.statistic = None
@@ -140,7 +142,7 @@ class Copal(Method):
     @classmethod
     def from_config(cls, config):
         return cls(**config.copal.model_dump(), blocksize=config.sparsegpt.blocksize,
-                   dampening=config.sparsegpt.dampening)
+                   dampening=config.sparsegpt.dampening, refit_iterations=config.sparsegpt.refit_iterations)
 
     def score(self, weight, stat):
         return weight.abs() * stat
@@ -157,14 +159,14 @@ class Copal(Method):
             return None
         _, hessian = split_hessian(stat)
         if self.refit == "pcg":
-            return refit_kept(weight, hessian, keep, "pcg", self.dampening, blocksize=self.blocksize, layer=layer)
+            return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, self.blocksize, layer)
         return sparsegpt_prune(weight, hessian, Structure(0.0), None, self.blocksize, self.dampening, layer, keep,
                                self.factors)[1]
 
     def options(self):
         return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
                 "reconstruct": self.reconstruct, "refit": self.refit, "blocksize": self.blocksize,
-                "dampening": self.dampening}
+                "dampening": self.dampening, "refit_iterations": self.pcg.iterations}
 
     def finish_block(self):
         self.factors.clear()

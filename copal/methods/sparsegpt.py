@@ -10,7 +10,7 @@ from copal.masks import Structure
 from copal.methods.base import Method, Statistic
 from copal.obs import InverseFactors, sparsegpt_prune
 from copal.options import Strict
-from copal.refit import refit as refit_kept
+from copal.refit import PCGOptions, refit as refit_kept
 
 
 class SparseGPTOptions(Strict):
@@ -21,6 +21,7 @@ class SparseGPTOptions(Strict):
     # `pcg`: after SparseGPT's own pass (its mask and OBS update), conjugate gradient from
     # that update towards the least-squares optimum of the kept weights (copal.refit).
     refit: Literal["obs", "pcg"] = Field("obs", description="obs: SparseGPT's update as it is; pcg: then refit")
+    refit_iterations: int = Field(20, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
 
 
 class Hessian(Statistic):
@@ -46,10 +47,11 @@ class SparseGPT(Method):
     statistic = Hessian
     stacks_rows = True  # per-row masks (unstructured per row, N:M) and a row-wise OBS update
 
-    def __init__(self, blocksize: int = 128, dampening: float = 0.01, refit: str = "obs"):
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01, refit: str = "obs", refit_iterations: int = 20):
         self.blocksize = blocksize
         self.dampening = dampening
         self.refit = refit
+        self.pcg = PCGOptions(iterations=refit_iterations)
         self.factors = InverseFactors()
 
     @classmethod
@@ -59,20 +61,23 @@ class SparseGPT(Method):
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
         keep, updated = sparsegpt_prune(weight, stat, structure, forced_prune, self.blocksize, self.dampening, layer,
                                         factors=self.factors)
-        if self.refit == "pcg":
-            updated = refit_kept(weight, stat, keep, "pcg", self.dampening, layer=layer, start=updated)
-        return keep, updated
+        return keep, self._refit(weight, stat, keep, updated, layer)
 
     def reweight(self, weight, stat, keep, layer=None):
         # with the mask given, sparsegpt_prune runs the same updates as when it chose it
         _, updated = sparsegpt_prune(weight, stat, Structure(0.0), None, self.blocksize, self.dampening, layer,
                                      keep, self.factors)
-        if self.refit == "pcg":
-            updated = refit_kept(weight, stat, keep, "pcg", self.dampening, layer=layer, start=updated)
-        return updated
+        return self._refit(weight, stat, keep, updated, layer)
+
+    def _refit(self, weight, hessian, keep, updated, layer):
+        """SparseGPT's `updated` weight as it is, or (refit: pcg) refit from there."""
+        if self.refit != "pcg":
+            return updated
+        return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, layer=layer, start=updated)
 
     def options(self):
-        return {"blocksize": self.blocksize, "dampening": self.dampening, "refit": self.refit}
+        return {"blocksize": self.blocksize, "dampening": self.dampening, "refit": self.refit,
+                "refit_iterations": self.pcg.iterations}
 
     def finish_block(self):
         self.factors.clear()
