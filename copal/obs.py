@@ -82,11 +82,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
                     forced_prune: torch.Tensor | None, blocksize: int = 128,
                     dampening: float = 0.01, layer: str | None = None,
                     keep: torch.Tensor | None = None,
-                    factors: InverseFactors | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    factors: InverseFactors | None = None, solve: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
     """(keep-mask, reconstructed weight). `keep`: a mask chosen elsewhere; then only
     the OBS update runs, spreading each pruned weight's error over the columns
     still to come (COPAL's `reconstruct` variant). `factors`: the caller's cache of
-    the last inverse factor (a fresh one when None)."""
+    the last inverse factor (a fresh one when None). `solve`: how a block's errors are
+    found: `loop`, column by column (the paper's); `batched`, every row's triangular
+    system at once (`_group_errors`), the same arithmetic in another order, without a
+    kernel launch per column (the GPU's bottleneck)."""
     weight = weight.detach().float().clone()
     rows, cols = weight.shape
     dead = hessian.diagonal() == 0  # inputs that never fired carry no information
@@ -113,19 +116,53 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
             else:
                 count = structure.pruned_per_row(end) - structure.pruned_per_row(start)
                 block_keep = drop_lowest(saliency, count)
-        for i in range(end - start):
-            if n_m is not None and i % n_m[1] == 0:
-                group = slice(i, i + n_m[1])
-                saliency = block[:, group].square() / diag[group].square()
-                saliency = saliency.masked_fill(forced[:, start:end][:, group], float("-inf"))
-                block_keep[:, group] = drop_lowest(saliency, n_m[1] - n_m[0])
-            column = block[:, i]
-            quantized = column * block_keep[:, i]
-            error = (column - quantized) / diag[i]
-            block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            block[:, i] = quantized
-            errors[:, i] = error
+        group = (n_m[1] if n_m is not None else end - start) if solve == "batched" else 1
+        _spread_errors(block, block_keep, hinv_block, forced[:, start:end], n_m, errors, group)
         weight[:, start:end] = block
         keep[:, start:end] = block_keep
         weight[:, end:] -= errors @ hinv[start:end, end:]
     return keep, weight * keep
+
+
+def _spread_errors(block: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, forced: torch.Tensor,
+                   n_m: tuple[int, int] | None, errors: torch.Tensor, group: int) -> None:
+    """In place, one column block: its columns left to right, `group` at a time (1: the
+    paper's loop), each pruned weight's error (into `errors`) spread over the block's
+    later columns; an N:M group's mask (into `keep`) chosen when its columns come."""
+    diag = factor.diagonal()
+    for i in range(0, block.shape[1], group):
+        if n_m is not None and i % n_m[1] == 0:
+            columns = slice(i, i + n_m[1])
+            saliency = block[:, columns].square() / diag[columns].square()
+            keep[:, columns] = drop_lowest(saliency.masked_fill(forced[:, columns], float("-inf")), n_m[1] - n_m[0])
+        if group == 1:
+            column = block[:, i]
+            quantized = column * keep[:, i]
+            error = (column - quantized) / diag[i]
+            block[:, i:] -= error.unsqueeze(1) * factor[i, i:].unsqueeze(0)
+            block[:, i] = quantized
+            errors[:, i] = error
+            continue
+        columns = slice(i, min(i + group, block.shape[1]))
+        error = _group_errors(block[:, columns], keep[:, columns], factor[columns, columns])
+        block[:, columns] = (block[:, columns] - error @ factor[columns, columns]) * keep[:, columns]
+        block[:, columns.stop:] -= error @ factor[columns, columns.stop:]
+        errors[:, columns] = error
+
+
+def resolved_solve(solve: str, device: torch.device) -> str:
+    """`auto`: `batched` on CUDA (a launch per column is what bounds the GPU), `loop`
+    elsewhere (on a CPU the loop is as fast, and it is what the golden masks record)."""
+    if solve != "auto":
+        return solve
+    return "batched" if torch.device(device).type == "cuda" else "loop"
+
+
+def _group_errors(values: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The errors the column loop spreads over a group of columns with a fixed mask, all
+    rows at once. Column j's error is e_j = p_j (w_j − Σ_{k<j} e_k U_kj) / U_jj (p_j: 1 where
+    pruned), i.e. per row the lower-triangular system (U ⊙ ppᵀ + diag(1 − p))ᵀ e = p ⊙ w."""
+    pruned = (~keep).to(values.dtype)
+    systems = factor.triu() * (pruned[:, :, None] * pruned[:, None, :]) + torch.diag_embed(1 - pruned)
+    solved = torch.linalg.solve_triangular(systems.transpose(1, 2), (pruned * values).unsqueeze(2), upper=False)
+    return solved.squeeze(2)

@@ -176,3 +176,19 @@ def test_sparsegpt_refit_keeps_its_mask_lowers_the_error_and_recomputes_bit_for_
     assert error < reconstruction_error(obs_weight, hessian, weight).sum() and error <= 1.01 * exact
     assert torch.equal(method.reweight(weight, hessian, keep), refit_weight)
     assert method.options()["refit_iterations"] == 20
+
+
+@pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4)), Structure(0.7), "given"])
+def test_sparsegpt_batched_solve_is_the_column_loop_in_another_order(structure):
+    """`sparsegpt.solve: batched` (every row's triangular system of a column group at once,
+    CUDA's default) gives the column loop's masks, and its weights up to float32 rounding."""
+    from copal.obs import resolved_solve, sparsegpt_prune
+
+    weight, hessian = _layer(rows=40, cols=96, seed=3)
+    keep = _masks(weight, hessian)["u50"] if structure == "given" else None
+    structure = Structure(0.5) if structure == "given" else structure
+    loop = sparsegpt_prune(weight, hessian, structure, None, blocksize=32, keep=keep)
+    batched = sparsegpt_prune(weight, hessian, structure, None, blocksize=32, keep=keep, solve="batched")
+    assert torch.equal(loop[0], batched[0])
+    assert _relative(batched[1], loop[1]) < 1e-5 and (batched[1][~batched[0]] == 0).all()
+    assert resolved_solve("auto", torch.device("cpu")) == "loop" and resolved_solve("auto", "cuda:0") == "batched"

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from copal.masks import Structure, select_mask
 from copal.methods.base import Method, Statistic, accumulate
 from copal.methods.sparsegpt import Hessian
-from copal.obs import InverseFactors, sparsegpt_prune
+from copal.obs import InverseFactors, resolved_solve, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 from copal.options import Strict
 from copal.refit import PCGOptions, refit as refit_kept
@@ -124,7 +124,7 @@ class Copal(Method):
 
     def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum",
                  reconstruct: bool = False, refit: str = "obs", blocksize: int = 128, dampening: float = 0.01,
-                 refit_iterations: int = 20):
+                 refit_iterations: int = 20, solve: str = "auto"):
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
@@ -132,6 +132,7 @@ class Copal(Method):
         self.refit = refit
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
         self.pcg = PCGOptions(iterations=refit_iterations)
+        self.solve = solve
         self.factors = InverseFactors()
         if sensitivity == "loss":
             self.statistic = None
@@ -142,7 +143,8 @@ class Copal(Method):
     @classmethod
     def from_config(cls, config):
         return cls(**config.copal.model_dump(), blocksize=config.sparsegpt.blocksize,
-                   dampening=config.sparsegpt.dampening, refit_iterations=config.sparsegpt.refit_iterations)
+                   dampening=config.sparsegpt.dampening, refit_iterations=config.sparsegpt.refit_iterations,
+                   solve=config.sparsegpt.solve)
 
     def score(self, weight, stat):
         return weight.abs() * stat
@@ -161,12 +163,12 @@ class Copal(Method):
         if self.refit == "pcg":
             return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, self.blocksize, layer)
         return sparsegpt_prune(weight, hessian, Structure(0.0), None, self.blocksize, self.dampening, layer, keep,
-                               self.factors)[1]
+                               self.factors, resolved_solve(self.solve, weight.device))[1]
 
     def options(self):
         return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
                 "reconstruct": self.reconstruct, "refit": self.refit, "blocksize": self.blocksize,
-                "dampening": self.dampening, "refit_iterations": self.pcg.iterations}
+                "dampening": self.dampening, "refit_iterations": self.pcg.iterations, "solve": self.solve}
 
     def finish_block(self):
         self.factors.clear()

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from copal.masks import Structure
 from copal.methods.base import Method, Statistic
-from copal.obs import InverseFactors, sparsegpt_prune
+from copal.obs import InverseFactors, resolved_solve, sparsegpt_prune
 from copal.options import Strict
 from copal.refit import PCGOptions, refit as refit_kept
 
@@ -22,6 +22,8 @@ class SparseGPTOptions(Strict):
     # that update towards the least-squares optimum of the kept weights (copal.refit).
     refit: Literal["obs", "pcg"] = Field("obs", description="obs: SparseGPT's update as it is; pcg: then refit")
     refit_iterations: int = Field(20, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
+    # how a column block's OBS errors are found (copal.obs.sparsegpt_prune): auto is batched on CUDA
+    solve: Literal["auto", "loop", "batched"] = "auto"
 
 
 class Hessian(Statistic):
@@ -47,10 +49,12 @@ class SparseGPT(Method):
     statistic = Hessian
     stacks_rows = True  # per-row masks (unstructured per row, N:M) and a row-wise OBS update
 
-    def __init__(self, blocksize: int = 128, dampening: float = 0.01, refit: str = "obs", refit_iterations: int = 20):
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01, refit: str = "obs", refit_iterations: int = 20,
+                 solve: str = "auto"):
         self.blocksize = blocksize
         self.dampening = dampening
         self.refit = refit
+        self.solve = solve
         self.pcg = PCGOptions(iterations=refit_iterations)
         self.factors = InverseFactors()
 
@@ -60,13 +64,13 @@ class SparseGPT(Method):
 
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
         keep, updated = sparsegpt_prune(weight, stat, structure, forced_prune, self.blocksize, self.dampening, layer,
-                                        factors=self.factors)
+                                        factors=self.factors, solve=resolved_solve(self.solve, weight.device))
         return keep, self._refit(weight, stat, keep, updated, layer)
 
     def reweight(self, weight, stat, keep, layer=None):
         # with the mask given, sparsegpt_prune runs the same updates as when it chose it
         _, updated = sparsegpt_prune(weight, stat, Structure(0.0), None, self.blocksize, self.dampening, layer,
-                                     keep, self.factors)
+                                     keep, self.factors, resolved_solve(self.solve, weight.device))
         return self._refit(weight, stat, keep, updated, layer)
 
     def _refit(self, weight, hessian, keep, updated, layer):
@@ -77,7 +81,7 @@ class SparseGPT(Method):
 
     def options(self):
         return {"blocksize": self.blocksize, "dampening": self.dampening, "refit": self.refit,
-                "refit_iterations": self.pcg.iterations}
+                "refit_iterations": self.pcg.iterations, "solve": self.solve}
 
     def finish_block(self):
         self.factors.clear()
