@@ -263,14 +263,14 @@ class SymmetricHalf16(StateCodec):
 CODECS: dict[str, StateCodec] = {codec.name: codec for codec in
                                  (StateCodec(), BFloat16Codec(), LogCodec(256), LogCodec(16), LogCodec(8), LogCodec(6))}
 HESSIAN_CODECS: dict[str, StateCodec] = {codec.name: codec for codec in (CODECS["float32"], SymmetricHalf16())}
-STATE_FORMATS = tuple(CODECS | HESSIAN_CODECS)
+_READABLE = CODECS | HESSIAN_CODECS
+STATE_FORMATS = tuple(_READABLE)
 
 
 def codec_for(label: str) -> StateCodec:
     """The codec a block file's FORMAT_KEY names ("log3/v1"), float32 without one."""
     name, _, version = label.partition("/v")
-    known = CODECS | HESSIAN_CODECS
-    if name not in known or (version and int(version) > STATE_VERSION):
+    if name not in _READABLE or (version and int(version) > STATE_VERSION):
         raise InputError(f"unknown state format {label!r} (this copal reads {', '.join(STATE_FORMATS)}, "
                          f"version ≤ {STATE_VERSION})")
-    return known[name]
+    return _READABLE[name]

@@ -84,8 +84,8 @@ class StepPolicy:
                      fresh: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Layers that read one input (copal.calibrate.input_groups). An input-only
         statistic they share is combined and recorded once (`Regime.share_statistic`).
-        Where the method prunes rows independently (`Method.stacks_rows`) and the layers'
-        statistics are equal, they are pruned as one matrix, their rows stacked: the
+        Where the method prunes rows independently (`Method.stacks_rows`) and the layers
+        share that one statistic, they are pruned as one matrix, their rows stacked: the
         same arithmetic per row, one pass of the method's loop instead of one per layer."""
         if self.precomputed is not None:
             return [self.prune_layer(name, base, stat) for name, base, stat in zip(names, bases, fresh)]
@@ -94,7 +94,7 @@ class StepPolicy:
         stats = self._statistics(names, fresh)
         forced = [self.regime.forced_prune(name, self.parent) for name in names]
         stacked = (len(names) > 1 and self.method.stacks_rows and self.structure.scope != "layer"
-                   and all(stat is stats[0] or torch.equal(stat, stats[0]) for stat in stats[1:]))
+                   and all(stat is stats[0] for stat in stats[1:]))
         if not stacked:
             return [self._apply(*layer) for layer in zip(names, bases, stats, forced)]
         rows = [base.shape[0] for base in bases]
