@@ -112,7 +112,7 @@ def domain_statistics(model_path: Path, blocks: list[int], nsamples: int, seqlen
 def layer_agreement(weights: dict, per_domain: dict) -> dict:
     """Per candidate: bytes per weight and, per structure and step t ≥ 2, the
     fraction of mask bits equal to the float32 path's (over all layers)."""
-    method = Copal()
+    method = Copal(sensitivity="output")
     total = sum(w.numel() for w in weights.values())
     reference = {}  # (layer, structure, t) → float32 mask
     for name, weight in weights.items():

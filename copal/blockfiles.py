@@ -73,13 +73,19 @@ class BlockedTensors:
         self._pending_aliases: dict[str, str] = {}
         self._last_write: Future | None = None
 
-    def add(self, name: str, tensor: torch.Tensor, codec: StateCodec | None = None) -> None:
+    def add(self, name: str, tensor: torch.Tensor, codec: StateCodec | None = None,
+            encoded: dict[str, torch.Tensor] | None = None) -> None:
+        """`tensor` to store under `name`, in `codec`'s format; `encoded`: its stored
+        form where the caller has encoded it already (on the CPU)."""
         label = None if codec is None or codec.name == "float32" else f"{codec.name}/v{STATE_VERSION}"
         if self.pending_names and label != self.pending_format:
             raise RuntimeError(f"{name}: one block file holds one state format "
                                f"({self.pending_format or 'float32'} already, {label or 'float32'} given)")
         self.pending_format = label
         self.pending_names.append(name)
+        if label is not None and encoded is not None:
+            self.pending.append(encoded)
+            return
         if label is not None:  # encoded on the compute device, by the worker: the pass goes on meanwhile
             self.pending.append(self.worker.submit(_encoded, codec, name, tensor.detach()))
             return

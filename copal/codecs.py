@@ -253,10 +253,11 @@ class SymmetricHalf16(StateCodec):
         full[rows, cols] = upper.float() * scale
         return full + full.triu(1).t()
 
-    def roundtrip(self, value: torch.Tensor) -> torch.Tensor:
-        """What decoding the stored value gives, on `value`'s device."""
-        encoded = {key: part.cpu() for key, part in self.encode("value", value).items()}
-        return self.decode("value", encoded.__getitem__).to(value.device)
+    def roundtrip(self, name: str, value: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The tensors to store (on the CPU) and what decoding them gives (on `value`'s
+        device): encoded once, for the step to use and for the writer to store."""
+        encoded = {key: part.cpu() for key, part in self.encode(name, value).items()}
+        return encoded, self.decode(name, encoded.__getitem__).to(value.device)
 
 
 # Per-weight statistics (the config's `state.format`) and symmetric ones (`state.hessian`).

@@ -63,14 +63,15 @@ class StateOptions(Strict):
     (2.06×, what runs stored before). Applies to a lineage's first step: later
     steps keep their parent's format (docs/DESIGN-NOTES.md).
 
-    `hessian`: how an accumulated Hessian (SparseGPT's, COPAL reconstruct's) is stored,
-    once per distinct layer input: `float32`, or `sym16`, its symmetric half in float16
-    with a scale (copal.codecs.SymmetricHalf16). A step whose weights a method
+    `hessian`: how an accumulated Hessian (COPAL's default sensitivity, SparseGPT's) is
+    stored, once per distinct layer input: `sym16` (default), its symmetric half in
+    float16 with a scale (copal.codecs.SymmetricHalf16; the step prunes with what it
+    stores), or `float32` (what runs stored before). A step whose weights a method
     reconstructs from its accumulated state stores no weights: they are recomputed
     from W0, the mask and the state wherever they are read."""
 
     format: StateFormat = "log6L"
-    hessian: HessianFormat = "float32"
+    hessian: HessianFormat = "sym16"
 
 
 class RunConfig(Strict):

@@ -42,20 +42,28 @@ MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks 
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
 # COPAL variants of docs/METHOD.md, each one change from the default, compared in the
 # accumulate regime at these sparsities.
+# Each says its sensitivity, so that it means the same whatever the base config's is.
 COPAL_VARIANTS = {
+    "hessian": {"sensitivity": "hessian"},
+    "output": {"sensitivity": "output"},
     "loss": {"sensitivity": "loss"},
-    "raw": {"normalize": False},
-    "max": {"reduce": "max"},
-    "reconstruct": {"reconstruct": True},
-    "pcg": {"reconstruct": True, "refit": "pcg"},
+    "raw": {"sensitivity": "output", "normalize": False},
+    "max": {"sensitivity": "output", "reduce": "max"},
+    "reconstruct": {"sensitivity": "output", "reconstruct": True, "refit": "obs"},
+    "pcg": {"sensitivity": "output", "reconstruct": True, "refit": "pcg", "refit_iterations": 20},
 }
 VARIANT_NOTES = {
-    "": "output sensitivity E|y|·|x|, normalised per domain, summed over domains",
+    "": "the configured copal section",
+    "hessian": "second-order: SparseGPT's OBS mask from the Hessian accumulated across domains, kept weights "
+               "refit by conjugate gradient (the default since issue 20)",
+    "output": "the paper's output sensitivity E|y|·|x|, normalised per domain, summed over domains",
     "loss": "loss-gradient sensitivity Σ|∂L/∂W| instead of the output sensitivity",
-    "raw": "no per-domain normalisation of the statistic before summing",
-    "max": "elementwise max over domains instead of the sum",
-    "reconstruct": "COPAL's mask, kept weights reconstructed by SparseGPT's OBS update from the accumulated Hessian",
-    "pcg": "COPAL's mask, kept weights refit by conjugate gradient (ALPS's refit) from the accumulated Hessian",
+    "raw": "output sensitivity with no per-domain normalisation before summing",
+    "max": "output sensitivity, elementwise max over domains instead of the sum",
+    "reconstruct": "output sensitivity's mask, kept weights reconstructed by SparseGPT's OBS update from the "
+                   "accumulated Hessian",
+    "pcg": "output sensitivity's mask, kept weights refit by conjugate gradient (ALPS's refit, 20 iterations) from "
+           "the accumulated Hessian",
 }
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16

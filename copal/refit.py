@@ -24,7 +24,8 @@ Solvers (`refit(..., solver=)`):
   product per iteration for the whole layer; Jacobi (diag H on the kept
   positions) or block-Jacobi (each row's kept part of diagonal blocks of H,
   factorised once) preconditioning; warm-started from the OBS update or from
-  W0 ⊙ M; a fixed iteration budget and a relative-residual tolerance per row.
+  W0 ⊙ M; a fixed iteration budget and a tolerance per row on the residual
+  relative to the warm start's.
 * `exact`: each row's system solved directly (float64), the reference the
   others are measured against; rows × in³ work, for small layers and tests.
 
@@ -52,7 +53,7 @@ WARM_STARTS = ("obs", "masked")
 @dataclass(frozen=True)
 class PCGOptions:
     """`iterations`: at most this many CG steps; `tolerance`: a row stops once
-    ‖r‖ ≤ tolerance · ‖b‖ (its residual relative to its right-hand side);
+    ‖r‖ ≤ tolerance · ‖r₀‖ (its residual relative to the warm start's);
     `preconditioner`: jacobi | block (`block_size` inputs a block); `warm_start`:
     obs (the OBS update) | masked (W0 ⊙ M)."""
 
@@ -202,14 +203,13 @@ def pcg_refit(weight: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, st
     mask = keep.float()
     h = damped.float()
     x = start.float() * mask
-    b = (weight.float() @ h).mul_(mask)
-    r = b - (x @ h).mul_(mask)
+    r = ((weight.float() - x) @ h).mul_(mask)  # b − A x with b = M ⊙ (W0 H): one product with H, not two
     precondition = (_Jacobi(h, mask) if options.preconditioner == "jacobi"
                     else _BlockJacobi(h, keep, options.block_size))
     z = precondition(r)
     p = z.clone()
     rz = torch.linalg.vecdot(r, z)
-    limit = options.tolerance * b.norm(dim=1)
+    limit = options.tolerance * r.norm(dim=1)
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(options.iterations):
         active = r.norm(dim=1) > limit

@@ -104,8 +104,10 @@ class Accumulate(Regime):
             state_format = "float32"
         codec = codec_for(state_format)
         if codec.live_roundtrip:
-            combined = codec.roundtrip(combined)
-        writer.sensitivity.add(name, combined, codec)
+            encoded, combined = codec.roundtrip(name, combined)
+            writer.sensitivity.add(name, combined, codec, encoded)
+        else:
+            writer.sensitivity.add(name, combined, codec)
         return combined
 
     def share_statistic(self, names, owner, writer):

@@ -11,6 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import small_config
+
+OUTPUT = {"sensitivity": "output"}  # copal's per-weight statistic: what state.format compacts
 from copal.config import build_config
 from copal.errors import InputError
 from copal.methods import Copal, Wanda
@@ -176,18 +178,21 @@ def test_a_lineage_keeps_its_format_and_only_elementwise_statistics_compact(tmp_
     from copal.methods import METHODS
 
     compact = {name: METHODS[name]().compact_state for name in METHODS}
-    assert compact == {"magnitude": False, "wanda": False, "sparsegpt": False, "copal": True}
-    assert Copal(sensitivity="loss").compact_state and not Copal(reconstruct=True).compact_state
+    assert compact == {"magnitude": False, "wanda": False, "sparsegpt": False, "copal": False}  # copal: a Hessian
+    assert Copal(sensitivity="output").compact_state and Copal(sensitivity="loss").compact_state
+    assert not Copal(sensitivity="output", reconstruct=True).compact_state
+    assert Copal().symmetric_state and not Copal(sensitivity="output").symmetric_state
     accumulate = REGIMES["accumulate"]
     fresh = _statistic(seed=3)
     legacy = _write_step(tmp_path / "old", 1, {"l": _statistic(seed=4)}, "float32")
-    cases = ((legacy, Copal(), "float32"), (None, Copal(), "log3"), (None, Wanda(), "float32"))
+    output = Copal(sensitivity="output")
+    cases = ((legacy, output, "float32"), (None, output, "log3"), (None, Wanda(), "float32"))
     for case, (parent, method, expected) in enumerate(cases):
         writer = StepWriter(tmp_path / "new" / str(case), 2, "log3")
         stat = fresh if method.compact_state else fresh[0]
         combined = accumulate.statistic("l", stat, method, parent, writer)
         if parent is not None:
-            assert torch.equal(combined, Copal().combine(parent.sensitivity("l"), fresh))  # float32, decoded parent
+            assert torch.equal(combined, output.combine(parent.sensitivity("l"), fresh))  # float32, decoded parent
         writer.finish_block(0)
         assert StepState(writer.commit(StepRecord(step=2, parent=1))).state_format("l") == expected
 
@@ -206,7 +211,7 @@ def test_compact_run_replays_bit_identically(tmp_path, data_dir, llama_dir, corp
     its replay alike; its own state is stored in log3 too."""
     from copal.continual import ContinualRun
 
-    config = build_config(small_config(llama_dir, corpus_dir, state={"format": "log3"}))
+    config = build_config(small_config(llama_dir, corpus_dir, state={"format": "log3"}, copal=OUTPUT))
     run = ContinualRun(config, tmp_path / "run", data_dir=data_dir)
     run.run()
     for step in (1, 2, 3):
@@ -214,7 +219,7 @@ def test_compact_run_replays_bit_identically(tmp_path, data_dir, llama_dir, corp
         assert {state.state_format(name) for name in state.mask_names()} == {"log3"}
     assert run.replay(2).differing == [] and run.replay(3).differing == []
     # a float32 run of the same config differs only through the rounding of C_{t-1}
-    plain = ContinualRun(build_config(small_config(llama_dir, corpus_dir, state={"format": "float32"})),
+    plain = ContinualRun(build_config(small_config(llama_dir, corpus_dir, state={"format": "float32"}, copal=OUTPUT)),
                          tmp_path / "plain", data_dir=data_dir)
     plain.run()
     step1 = [torch.equal(run.dir.step(1).mask(n), plain.dir.step(1).mask(n)) for n in run.dir.step(1).mask_names()]

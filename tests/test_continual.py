@@ -27,7 +27,8 @@ def _all_masks(root, step):
     return {name: state.mask(name) for name in state.mask_names()}
 
 
-CASES = [("copal", "accumulate", "unstructured", 0.5), ("wanda", "sequential", "2:4", 0.5),
+CASES = [("copal", "accumulate", "unstructured", 0.5), ("copal-output", "accumulate", "unstructured", 0.5),
+         ("wanda", "sequential", "2:4", 0.5),
          ("sparsegpt", "reprune", "4:8", 0.5), ("magnitude", "joint", "unstructured", 0.7),
          ("sparsegpt", "sequential", "unstructured", 0.6)]
 
@@ -35,8 +36,9 @@ CASES = [("copal", "accumulate", "unstructured", 0.5), ("wanda", "sequential", "
 @pytest.mark.parametrize("method,regime,structure,sparsity", CASES)
 def test_every_step_has_exact_sparsity_and_touches_nothing_else(tmp_path, data_dir, llama_dir, corpus_dir,
                                                                  method, regime, structure, sparsity):
-    metrics = _run(tmp_path / "run", llama_dir, corpus_dir, method=method, regime=regime,
-                   structure=structure, sparsity=sparsity)
+    variant = {"method": "copal", "copal": {"sensitivity": "output"}} if method == "copal-output" else {"method": method}
+    metrics = _run(tmp_path / "run", llama_dir, corpus_dir, regime=regime, structure=structure, sparsity=sparsity,
+                   **variant)
     dense, _ = load_model(str(llama_dir))
     dense_state = dense.state_dict()
     prunable = {f"{name}.weight" for name in all_prunable(dense)}
@@ -58,7 +60,7 @@ def test_every_step_has_exact_sparsity_and_touches_nothing_else(tmp_path, data_d
             else:
                 n, m = map(int, structure.split(":"))
                 assert ((~zero).reshape(rows, -1, m).sum(-1) <= n).all(), name
-            if method != "sparsegpt":  # kept weights are W0's
+            if method in ("copal-output", "wanda", "magnitude"):  # kept weights are W0's (copal, sparsegpt: rebuilt)
                 dense_weight = weight_matrix(all_prunable(dense)[name])
                 assert torch.equal(weight[~zero], dense_weight[~zero])
 
@@ -78,7 +80,7 @@ def test_sequential_never_revives_and_the_dense_regimes_can(tmp_path, data_dir, 
 
 
 def test_copal_accumulate_on_one_domain_equals_reprune(tmp_path, data_dir, llama_dir, corpus_dir):
-    one = {"domains": [f"text:{corpus_dir / 'alpha'}.txt"]}
+    one = {"domains": [f"text:{corpus_dir / 'alpha'}.txt"], "copal": {"sensitivity": "output"}}
     _run(tmp_path / "acc", llama_dir, corpus_dir, regime="accumulate", **one)
     _run(tmp_path / "rep", llama_dir, corpus_dir, regime="reprune", **one)
     acc, rep = _all_masks(tmp_path / "acc", 1), _all_masks(tmp_path / "rep", 1)
@@ -92,8 +94,9 @@ def test_first_block_statistic_is_independent_of_domain_order(tmp_path, data_dir
     the inputs of the currently pruned blocks before them, which do depend on order.
     In float32: a compact state format rounds C_1, which depends on which domain came first."""
     a, b = (f"text:{corpus_dir / n}.txt" for n in ("alpha", "beta"))
-    _run(tmp_path / "ab", llama_dir, corpus_dir, domains=[a, b], state={"format": "float32"})
-    _run(tmp_path / "ba", llama_dir, corpus_dir, domains=[b, a], state={"format": "float32"})
+    output = {"sensitivity": "output"}  # one statistic per layer (a Hessian is stored once per input)
+    _run(tmp_path / "ab", llama_dir, corpus_dir, domains=[a, b], state={"format": "float32"}, copal=output)
+    _run(tmp_path / "ba", llama_dir, corpus_dir, domains=[b, a], state={"format": "float32"}, copal=output)
     ab = load_file(tmp_path / "ab/steps/2/sensitivity/block-0000.safetensors")
     ba = load_file(tmp_path / "ba/steps/2/sensitivity/block-0000.safetensors")
     assert ab.keys() == ba.keys() and len(ab) == 7
@@ -113,7 +116,7 @@ def test_same_config_gives_bit_identical_masks_and_metrics(tmp_path, data_dir, l
 
 def test_loss_sensitivity_variant_runs_and_differs_from_output(tmp_path, data_dir, llama_dir, corpus_dir):
     _run(tmp_path / "loss", llama_dir, corpus_dir, copal={"sensitivity": "loss"})
-    _run(tmp_path / "out", llama_dir, corpus_dir)
+    _run(tmp_path / "out", llama_dir, corpus_dir, copal={"sensitivity": "output"})
     loss, out = _all_masks(tmp_path / "loss", 3), _all_masks(tmp_path / "out", 3)
     assert any(not torch.equal(loss[n], out[n]) for n in loss)
     assert all(((~loss[n]).sum(1) == loss[n].shape[1] // 2).all() for n in loss)
@@ -124,8 +127,8 @@ def test_reconstruct_variant_keeps_copals_masks_and_replays(tmp_path, data_dir, 
     part of its statistic is COPAL's; later blocks see the reconstructed earlier
     blocks' outputs), every layer's kept weights are updated, replay is bit-identical.
     Plain COPAL in float32: reconstruct stores its stacked S and H in float32."""
-    _run(tmp_path / "plain", llama_dir, corpus_dir, state={"format": "float32"})
-    config = build_config(small_config(llama_dir, corpus_dir, copal={"reconstruct": True}))
+    _run(tmp_path / "plain", llama_dir, corpus_dir, state={"format": "float32"}, copal={"sensitivity": "output"})
+    config = build_config(small_config(llama_dir, corpus_dir, copal={"sensitivity": "output", "reconstruct": True}))
     run = ContinualRun(config, tmp_path / "rec")
     run.run()
     plain, rebuilt = _all_masks(tmp_path / "plain", 3), _all_masks(tmp_path / "rec", 3)
@@ -138,7 +141,8 @@ def test_reconstruct_variant_keeps_copals_masks_and_replays(tmp_path, data_dir, 
     assert changed == list(plain)  # every layer's kept weights were updated
     assert run.replay(3).differing == []
     for bad, needle in (({"reconstruct": True, "sensitivity": "loss"}, "needs sensitivity: output"),
-                        ({"reconstruct": True, "reduce": "max"}, "needs reduce: sum")):
+                        ({"sensitivity": "output", "reconstruct": True, "reduce": "max"}, "needs reduce: sum"),
+                        ({"reduce": "max"}, "needs reduce: sum")):  # the default, sensitivity: hessian
         with pytest.raises(Exception, match=needle):
             build_config(small_config(llama_dir, corpus_dir, copal=bad))
 

@@ -31,7 +31,7 @@ def _config(llama_dir, corpus_dir, method, regime, structure):
                      calibration={"nsamples": 4, "seqlen": 32, "batch_size": 2},
                      evaluation={"seqlen": 32, "max_tokens": 256, "batch_size": 4})
     if method == "copal-reconstruct":
-        overrides.update(method="copal", copal={"reconstruct": True})
+        overrides.update(method="copal", copal={"sensitivity": "output", "reconstruct": True})
     elif method == "copal-loss":
         overrides.update(method="copal", copal={"sensitivity": "loss"})
     elif method == "copal-layer":

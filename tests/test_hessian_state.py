@@ -32,7 +32,7 @@ def test_sym16_keeps_the_upper_half_in_float16_and_decodes_symmetric():
     assert set(encoded) == set(codec.keys("h"))
     assert encoded["h.upper"].dtype == torch.float16 and encoded["h.upper"].numel() == 40 * 41 // 2
     decoded = codec.decode("h", encoded.__getitem__)
-    assert torch.equal(decoded, decoded.t()) and torch.equal(decoded, codec.roundtrip(value))
+    assert torch.equal(decoded, decoded.t()) and torch.equal(decoded, codec.roundtrip("l", value)[1])
     normal = value.abs() >= value.abs().max() * 2 ** -24  # float16's normal range after the scale
     error = ((decoded - value).abs() / value.abs().clamp(min=1e-30))[normal]
     assert error.max() <= 2 ** -11
@@ -68,7 +68,8 @@ def _groups(names):
 @pytest.mark.parametrize("settings", [
     {"method": "sparsegpt", "state": {"hessian": "sym16"}},
     {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
-    {"method": "copal", "copal": {"reconstruct": True, "refit": "pcg"}},
+    {"method": "copal", "copal": {"sensitivity": "output", "reconstruct": True, "refit": "pcg"}},
+    {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16
 ])
 def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,
                                                                         settings, monkeypatch):
@@ -95,7 +96,7 @@ def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path
         for name in names:
             assert torch.equal(state.weight(name, dense), evaluated[step, name]), (step, name)
     head = StepState(tmp_path / "run/steps/3")
-    if config.method != "sparsegpt":
+    if config.method == "copal" and config.copal.sensitivity != "hessian":
         return
     aliases = json.loads((head.folder / "sensitivity/aliases.json").read_text())
     owners = {alias.rsplit(".", 1)[1]: owner.rsplit(".", 1)[1] for alias, owner in aliases.items()}
@@ -121,3 +122,22 @@ def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus
     name = next(iter(all_prunable(run.session.execution.model)))
     with pytest.raises(InputError, match="reweight"):
         StepState(tmp_path / "run/steps/1").weight(name, run.session.execution.dense)
+
+
+def test_the_default_is_sparsegpts_pass_and_refit_on_the_accumulated_hessian(tmp_path, llama_dir, corpus_dir,
+                                                                            data_dir):
+    """`method: copal` with its defaults chooses and rebuilds exactly as SparseGPT with a
+    10-iteration pcg refit in the accumulate regime: same masks, same weights, bit for bit."""
+    domains = small_config(llama_dir, corpus_dir)["domains"][:2]
+    runs = {}
+    for label, settings in (("copal", {}), ("sparsegpt", {"method": "sparsegpt", "sparsegpt": {
+            "refit": "pcg", "refit_iterations": 10}})):
+        config = build_config(small_config(llama_dir, corpus_dir, domains=domains, **settings))
+        runs[label] = ContinualRun(config, tmp_path / label)
+        runs[label].run()
+    assert build_config(small_config(llama_dir, corpus_dir)).copal.rebuilt_by == "pcg"
+    dense = runs["copal"].session.execution.dense
+    copal, sparsegpt = StepState(tmp_path / "copal/steps/2"), StepState(tmp_path / "sparsegpt/steps/2")
+    for name in all_prunable(runs["copal"].session.execution.model):
+        assert torch.equal(copal.mask(name), sparsegpt.mask(name)), name
+        assert torch.equal(copal.weight(name, dense), sparsegpt.weight(name, dense)), name

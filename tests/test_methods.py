@@ -63,7 +63,7 @@ def test_accumulated_statistic_is_independent_of_domain_order():
     weight, xa = _layer(4)
     _, xb = _layer(5)
     sa, sb = _stat(OutputSensitivity, weight, xa), _stat(OutputSensitivity, weight, xb * 7)
-    copal = Copal()
+    copal = Copal(sensitivity="output")
     ab = copal.combine(copal.combine(None, sa), sb)
     ba = copal.combine(copal.combine(None, sb), sa)
     assert torch.equal(ab, ba)
@@ -121,20 +121,20 @@ def test_copal_reconstruct_keeps_copals_mask_and_lowers_the_output_error():
     assert torch.allclose(sensitivity, _stat(OutputSensitivity, weight, x), rtol=1e-6)
     assert torch.allclose(hessian, _stat(Hessian, weight, x), rtol=1e-6)
     for structure in (Structure(0.5), Structure(0.5, (2, 4))):
-        plain, _ = Copal().prune(weight, sensitivity, structure)
-        mask, rebuilt = Copal(reconstruct=True, blocksize=16).prune(weight, stacked, structure)
+        plain, _ = Copal(sensitivity="output").prune(weight, sensitivity, structure)
+        mask, rebuilt = Copal(sensitivity="output", reconstruct=True, blocksize=16).prune(weight, stacked, structure)
         assert torch.equal(mask, plain) and (rebuilt[~mask] == 0).all()
         assert (x @ (weight - rebuilt).t()).norm() < (x @ (weight * plain).t() - x @ weight.t()).norm()
     # accumulate: each part normalised by its own scale, then summed
-    combined = Copal(reconstruct=True).combine(None, stacked)
+    combined = Copal(sensitivity="output", reconstruct=True).combine(None, stacked)
     s, h = split_hessian(combined)
     assert torch.allclose(s.mean(), torch.tensor(1.0)) and torch.allclose(h.diagonal().mean(), torch.tensor(1.0))
-    twice = Copal(reconstruct=True).combine(combined, stacked * 3)
+    twice = Copal(sensitivity="output", reconstruct=True).combine(combined, stacked * 3)
     assert torch.allclose(twice, 2 * combined)
 
 
 @pytest.mark.parametrize("method, regime, extra", [("sparsegpt", "reprune", {}), ("sparsegpt", "accumulate", {}),
-                                                   ("copal", "accumulate", {"copal": {"reconstruct": True}})])
+                                                   ("copal", "accumulate", {"copal": {"sensitivity": "output", "reconstruct": True}})])
 def test_sparsegpt_factorises_once_per_shared_input(tmp_path, llama_dir, corpus_dir, data_dir, monkeypatch,
                                                     method, regime, extra):
     """q/k/v and gate/up have equal Hessians, so a LLaMA block needs 4 inverse

@@ -142,8 +142,8 @@ def test_copal_reconstruct_with_pcg_keeps_the_mask_and_fits_closer():
     sensitivity = torch.rand(weight.shape, generator=torch.Generator().manual_seed(4))
     stacked = torch.cat([sensitivity, hessian])  # SensitivityAndHessian's layout: S over H
     for structure in (Structure(0.5), Structure(0.5, (2, 4))):
-        obs_keep, obs_weight = Copal(reconstruct=True).prune(weight, stacked, structure)
-        pcg_keep, pcg_weight = Copal(reconstruct=True, refit="pcg").prune(weight, stacked, structure)
+        obs_keep, obs_weight = Copal(sensitivity="output", reconstruct=True).prune(weight, stacked, structure)
+        pcg_keep, pcg_weight = Copal(sensitivity="output", reconstruct=True, refit="pcg").prune(weight, stacked, structure)
         assert torch.equal(obs_keep, pcg_keep)
         assert (pcg_weight[~pcg_keep] == 0).all()
         damped = damped_hessian(hessian, 0.01)
@@ -154,9 +154,11 @@ def test_copal_reconstruct_with_pcg_keeps_the_mask_and_fits_closer():
 def test_refit_pcg_needs_reconstruct():
     from copal.methods.copal import CopalOptions
 
-    assert CopalOptions(reconstruct=True, refit="pcg").refit == "pcg"
+    assert CopalOptions(sensitivity="output", reconstruct=True, refit="pcg").rebuilt_by == "pcg"
+    assert CopalOptions(sensitivity="output", reconstruct=True).rebuilt_by == "obs"
+    assert CopalOptions().rebuilt_by == "pcg" and CopalOptions(sensitivity="output").rebuilt_by == ""
     with pytest.raises(ValueError, match="needs reconstruct: true"):
-        CopalOptions(refit="pcg")
+        CopalOptions(sensitivity="output", refit="pcg")
 
 
 @pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4))])

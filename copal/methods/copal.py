@@ -1,23 +1,33 @@
-"""COPAL (Malla et al., ICML 2024): |W| times a sensitivity accumulated across domains.
+"""COPAL (Malla et al., ICML 2024): a sensitivity accumulated across domains, applied
+to the dense weights.
 
-Two sensitivities (docs/METHOD.md): `output`, |∂(½‖y‖²)/∂W| summed per token, from
-each layer's own input and output during the layer-wise pass; and `loss`, the
-language-model loss's gradient |∂L/∂W|, which needs a backward pass through the
-whole model. `normalize` and `reduce` say how domains combine. `reconstruct`
-keeps COPAL's mask and refits the kept weights from the Hessian accumulated the
-same way (`refit`: SparseGPT's OBS update, or conjugate gradient).
+Three sensitivities (docs/METHOD.md):
+
+* `hessian` (the default): the second-order one. Each layer's input Hessian
+  H = Σ x xᵀ is accumulated across domains (each normalised); SparseGPT's optimal
+  brain surgeon chooses the mask from it (saliency w²/[H⁻¹]²_jj, column block by
+  column block) and updates the kept weights, and conjugate gradient then refits
+  them towards the least-squares optimum on that mask (ALPS's refit, `refit: pcg`,
+  `refit_iterations`). Measured the best continual pruner on SmolLM2 (docs/RESULTS.md).
+* `output`: the paper's first-order one, |W| · |∂(½‖y‖²)/∂W| summed per token, from
+  each layer's own input and output. `reconstruct` keeps its mask and refits the kept
+  weights from the Hessian accumulated the same way (`refit`: obs or pcg).
+* `loss`: the language-model loss's gradient |∂L/∂W|, from a backward pass through
+  the whole model.
+
+`normalize` and `reduce` say how domains combine.
 """
 
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from copal.masks import Structure, select_mask
 from copal.methods.base import Method, Statistic, accumulate
-from copal.methods.sparsegpt import Hessian
+from copal.methods.sparsegpt import Hessian, SparseGPT
 from copal.obs import InverseFactors, resolved_solve, sparsegpt_prune
 from copal.model import all_prunable, weight_matrix
 from copal.options import Strict
@@ -28,27 +38,39 @@ class CopalOptions(Strict):
     """The config's `copal:` section: the variants of docs/METHOD.md; the defaults
     are the measured best."""
 
-    sensitivity: Literal["output", "loss"] = "output"
+    sensitivity: Literal["hessian", "output", "loss"] = "hessian"
     normalize: bool = True
     reduce: Literal["sum", "max"] = "sum"
-    # `reconstruct`: COPAL's mask, then a refit of the kept weights from the accumulated
-    # Hessian (the `sparsegpt:` section's blocksize and dampening), by `refit`: `obs`,
-    # SparseGPT's one-pass update; `pcg`, conjugate gradient towards the least-squares
-    # optimum on the fixed mask (ALPS's refit; copal.refit).
+    # `reconstruct` (sensitivity: output): COPAL's mask, then the kept weights rebuilt from
+    # the accumulated Hessian. The `sparsegpt:` section's blocksize, dampening and solve
+    # say how the OBS update runs, for this and for sensitivity: hessian.
     reconstruct: bool = False
-    refit: Literal["obs", "pcg"] = "obs"
+    # How the kept weights move where they are rebuilt: `obs`, SparseGPT's one-pass update;
+    # `pcg`, then conjugate gradient towards the least-squares optimum on the fixed mask
+    # (ALPS's refit; copal.refit). Unset: pcg for sensitivity: hessian, obs for reconstruct.
+    refit: Literal["obs", "pcg"] | None = None
+    refit_iterations: int = Field(10, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
 
     @model_validator(mode="after")
-    def _reconstruct_needs_layer_statistics(self) -> "CopalOptions":
-        if self.reconstruct and self.sensitivity == "loss":
-            raise ValueError("reconstruct accumulates each layer's Hessian in the layer-wise pass; "
-                             "it needs sensitivity: output")
-        if self.refit != "obs" and not self.reconstruct:
-            raise ValueError(f"refit: {self.refit} refits from the accumulated Hessian; it needs reconstruct: true")
-        if self.reconstruct and self.reduce == "max":
-            raise ValueError("reconstruct sums Hessians over domains (an elementwise max of Hessians is not one); "
-                             "it needs reduce: sum")
+    def _coherent(self) -> "CopalOptions":
+        if self.reconstruct and self.sensitivity != "output":
+            raise ValueError("reconstruct refits the kept weights of the output sensitivity's mask; it needs "
+                             "sensitivity: output (sensitivity: hessian rebuilds them already)")
+        if self.refit == "pcg" and self.sensitivity == "output" and not self.reconstruct:
+            raise ValueError("refit: pcg refits from the accumulated Hessian; with sensitivity: output it needs "
+                             "reconstruct: true")
+        if self.reduce == "max" and (self.reconstruct or self.sensitivity == "hessian"):
+            raise ValueError("an elementwise max of Hessians over domains is not a Hessian; "
+                             "the Hessian needs reduce: sum")
         return self
+
+    @property
+    def rebuilt_by(self) -> str:
+        """How the kept weights are rebuilt: the refit that applies (obs | pcg), or
+        "" where they are kept as they are (output without reconstruct, loss)."""
+        if self.sensitivity == "hessian":
+            return self.refit or "pcg"
+        return (self.refit or "obs") if self.reconstruct else ""
 
 
 class OutputSensitivity(Statistic):
@@ -122,34 +144,39 @@ def _normalised(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Copal(Method):
     name = "copal"
 
-    def __init__(self, sensitivity: str = "output", normalize: bool = True, reduce: str = "sum",
-                 reconstruct: bool = False, refit: str = "obs", blocksize: int = 128, dampening: float = 0.01,
-                 refit_iterations: int = 20, solve: str = "auto"):
+    def __init__(self, sensitivity: str = "hessian", normalize: bool = True, reduce: str = "sum",
+                 reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 10,
+                 blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
+        options = CopalOptions(sensitivity=sensitivity, normalize=normalize, reduce=reduce, reconstruct=reconstruct,
+                               refit=refit, refit_iterations=refit_iterations)
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
         self.reconstruct = reconstruct
-        self.refit = refit
+        self.refit = options.rebuilt_by or "obs"
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
         self.pcg = PCGOptions(iterations=refit_iterations)
         self.solve = solve
         self.factors = InverseFactors()
-        if sensitivity == "loss":
-            self.statistic = None
-        else:
-            self.statistic = SensitivityAndHessian if reconstruct else OutputSensitivity
+        # sensitivity: hessian is SparseGPT's pass, and its refit, on the accumulated Hessian
+        self.second_order = (SparseGPT(blocksize, dampening, self.refit, refit_iterations, solve)
+                             if sensitivity == "hessian" else None)
+        self.statistic = {"hessian": Hessian, "loss": None}.get(
+            sensitivity, SensitivityAndHessian if reconstruct else OutputSensitivity)
         self.whole_model = sensitivity == "loss"
+        self.stacks_rows = self.second_order is not None
 
     @classmethod
     def from_config(cls, config):
         return cls(**config.copal.model_dump(), blocksize=config.sparsegpt.blocksize,
-                   dampening=config.sparsegpt.dampening, refit_iterations=config.sparsegpt.refit_iterations,
-                   solve=config.sparsegpt.solve)
+                   dampening=config.sparsegpt.dampening, solve=config.sparsegpt.solve)
 
     def score(self, weight, stat):
         return weight.abs() * stat
 
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
+        if self.second_order is not None:
+            return self.second_order.prune(weight, stat, structure, forced_prune, layer)
         if not self.reconstruct:
             return super().prune(weight, stat, structure, forced_prune, layer)
         sensitivity, _ = split_hessian(stat)
@@ -157,6 +184,8 @@ class Copal(Method):
         return keep, self.reweight(weight, stat, keep, layer)
 
     def reweight(self, weight, stat, keep, layer=None):
+        if self.second_order is not None:
+            return self.second_order.reweight(weight, stat, keep, layer)
         if not self.reconstruct:
             return None
         _, hessian = split_hessian(stat)
@@ -172,6 +201,8 @@ class Copal(Method):
 
     def finish_block(self):
         self.factors.clear()
+        if self.second_order is not None:
+            self.second_order.finish_block()
 
     def model_statistic(self, model, batches, device, names):
         return loss_gradient_statistic(model, batches, device, names)
