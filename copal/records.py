@@ -75,6 +75,9 @@ class StepSummary(_Record):
     prune_seconds: float | None = None
     peak_rss_mb: float | None = None
     sparsity: float | None = None
+    # bytes of the files the step stored (masks, accumulated state, weights): what a run
+    # keeps per step on disk
+    state_bytes: int | None = None
     tasks: dict[str, dict[str, Any]] | None = None
 
     @property

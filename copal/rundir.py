@@ -202,15 +202,18 @@ def summarize(run_dir: RunDir, config: RunConfig, head: int | None = None) -> Ru
         domains=names, dense_ppl=[dense.get(name) for name in names],
         ppl=matrix, bwt=metrics.bwt(matrix, step_columns),
         avg_ppl=metrics.average_ppl(matrix, step_columns),
-        steps=[_step_summary(record, bool(config.evaluation.tasks)) for record in lineage],
+        steps=[_step_summary(record, run_dir.steps_dir / str(record.step), bool(config.evaluation.tasks))
+               for record in lineage],
         **_dense_tasks(run_dir, config))
 
 
-def _step_summary(record: StepRecord, with_tasks: bool) -> StepSummary:
+def _step_summary(record: StepRecord, folder: Path, with_tasks: bool) -> StepSummary:
     """A step's row in metrics.json's `steps`; its task accuracies only in a run with evaluation.tasks."""
+    stored = [folder / name for name in record.files or {}]
     summary = StepSummary(step=record.step, domain=record.domain, seconds=record.seconds,
                           prune_seconds=record.prune_seconds, peak_rss_mb=record.peak_rss_mb,
-                          sparsity=record.sparsity)
+                          sparsity=record.sparsity,
+                          state_bytes=sum(path.stat().st_size for path in stored if path.exists()) if stored else None)
     return summary.model_copy(update={"tasks": record.tasks}) if with_tasks else summary
 
 
