@@ -127,11 +127,11 @@ def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus
 def test_the_default_is_sparsegpts_pass_and_refit_on_the_accumulated_hessian(tmp_path, llama_dir, corpus_dir,
                                                                             data_dir):
     """`method: copal` with its defaults chooses and rebuilds exactly as SparseGPT with a
-    10-iteration pcg refit in the accumulate regime: same masks, same weights, bit for bit."""
+    8-iteration pcg refit in the accumulate regime: same masks, same weights, bit for bit."""
     domains = small_config(llama_dir, corpus_dir)["domains"][:2]
     runs = {}
     for label, settings in (("copal", {}), ("sparsegpt", {"method": "sparsegpt", "sparsegpt": {
-            "refit": "pcg", "refit_iterations": 10}})):
+            "refit": "pcg", "refit_iterations": 8}})):
         config = build_config(small_config(llama_dir, corpus_dir, domains=domains, **settings))
         runs[label] = ContinualRun(config, tmp_path / label)
         runs[label].run()

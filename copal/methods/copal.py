@@ -49,7 +49,7 @@ class CopalOptions(Strict):
     # `pcg`, then conjugate gradient towards the least-squares optimum on the fixed mask
     # (ALPS's refit; copal.refit). Unset: pcg for sensitivity: hessian, obs for reconstruct.
     refit: Literal["obs", "pcg"] | None = None
-    refit_iterations: int = Field(10, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
+    refit_iterations: int = Field(8, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
 
     @model_validator(mode="after")
     def _coherent(self) -> "CopalOptions":
@@ -145,7 +145,7 @@ class Copal(Method):
     name = "copal"
 
     def __init__(self, sensitivity: str = "hessian", normalize: bool = True, reduce: str = "sum",
-                 reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 10,
+                 reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 8,
                  blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
         options = CopalOptions(sensitivity=sensitivity, normalize=normalize, reduce=reduce, reconstruct=reconstruct,
                                refit=refit, refit_iterations=refit_iterations)
