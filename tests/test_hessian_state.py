@@ -141,3 +141,15 @@ def test_the_default_is_sparsegpts_pass_and_refit_on_the_accumulated_hessian(tmp
     for name in all_prunable(runs["copal"].session.execution.model):
         assert torch.equal(copal.mask(name), sparsegpt.mask(name)), name
         assert torch.equal(copal.weight(name, dense), sparsegpt.weight(name, dense)), name
+
+
+def test_a_run_begun_with_float32_hessians_resumes_in_float32(tmp_path, llama_dir, corpus_dir, data_dir):
+    """Runs recorded before sym16 became the default resume under the new default
+    config and keep their lineage's float32 Hessians."""
+    domains = small_config(llama_dir, corpus_dir)["domains"][:2]
+    old = build_config(small_config(llama_dir, corpus_dir, domains=domains[:1], state={"hessian": "float32"}))
+    ContinualRun(old, tmp_path / "run").run()
+    ContinualRun(build_config(small_config(llama_dir, corpus_dir, domains=domains)), tmp_path / "run").run()
+    for step in (1, 2):
+        state = StepState(tmp_path / f"run/steps/{step}")
+        assert {state.state_format(name) for name in state.mask_names()} == {"float32"}
