@@ -36,6 +36,11 @@ def _config(llama_dir, corpus_dir, method, regime, structure):
         overrides.update(method="copal", copal={"sensitivity": "loss"})
     elif method == "copal-layer":
         overrides.update(method="copal", mask_scope="layer")
+    if overrides["method"] == "copal" and "copal" not in overrides:
+        # the default refits after SparseGPT's pass: on a CUDA device that pass solves column
+        # groups at once (solve: auto), whose rounding the refit carries into later blocks'
+        # masks; the sparsegpt cases run that batched path, these the loop the CPU runs
+        overrides["sparsegpt"] = {"solve": "loop"}
     return build_config(small_config(llama_dir, corpus_dir, **overrides), "test")
 
 
