@@ -10,8 +10,10 @@ step is idempotent: a version already registered for the step (a crash before
 tracking.json was written) is reused, and a child run a crash left without one is deleted.
 
 A version stores the step's bit-packed masks (plus reconstructed weights where
-the method changed them, i.e. sparsegpt) and a pointer to the base checkpoint
-with its SHA-256, not a copy of the model: about 1/16 of an fp16 copy.
+the method changed them and stored them, or, where they are recomputed, the
+accumulated state they are recomputed from: copal's default, sparsegpt under
+accumulate) and a pointer to the base checkpoint with its SHA-256, not a copy
+of the model: about 1/16 of an fp16 copy for masks alone.
 
 The default store is a SQLite file in the project. SQLite takes one writer at
 a time, so writes from concurrent runs are serialised with a file lock.
@@ -238,12 +240,15 @@ def _task_metrics(tasks: dict[str, dict[str, float]], prefix: str = "") -> dict[
 
 
 def _model_artifact(state: StepState, config, folder: Path) -> Path:
-    """What a registered version holds: masks (+ weights), step.json, base.json."""
+    """What a registered version holds: masks (+ weights, or the accumulated state they
+    are recomputed from), step.json, base.json."""
     folder.mkdir(parents=True)
     for name in ("masks.safetensors", "step.json"):
         shutil.copy(state.folder / name, folder / name)
     if (state.folder / "weights").is_dir():
         shutil.copytree(state.folder / "weights", folder / "weights")
+    elif state.record.reweight:  # weights recomputed from W0, the mask and this state (copal.state)
+        shutil.copytree(state.folder / "sensitivity", folder / "sensitivity")
     base = {"model": str(Path(config.model).resolve()) if Path(config.model).exists() else config.model,
             "dtype": config.dtype, "weights_sha256": weights_fingerprint(config.model)}
     (folder / "base.json").write_text(json.dumps(base, indent=1) + "\n")
