@@ -82,6 +82,6 @@ def test_quick_benchmark_on_the_reference_model(tmp_path, data_dir):
         assert [len([v for v in row if v is not None]) for row in cell["ppl"]] == [1, 2, 3]
         assert all(0 < cell["ppl"][-1][i] < 3 * summary["dense"]["ppl"][i] for i in range(3))
     text = (tmp_path / "benchmark.md").read_text()
-    assert "copal's pruning time is" in text and "× wanda's" in text and "× sparsegpt's" in text
+    assert "copal's (output sensitivity) pruning time is" in text and "× wanda's" in text and "× sparsegpt's" in text
     for image in ("avg_ppl.png", "bwt.png", "ppl_matrix-copal-accumulate-u50.png"):
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
