@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from copal.config import (BENCH_CONFIG, MethodName, RegimeName, RunConfig, StructureName, build_config,
                           format_validation_error, load_raw)
@@ -142,11 +142,17 @@ class Grid(Strict):
     are the reference benchmark's grid (configs/bench.yaml has no `grid:` section)."""
 
     structures: list[StructureName] = list(STRUCTURES)
-    sweep: Sweep = Sweep()
-    variants: Variants = Variants()
+    # Each a group or a list of groups (e.g. one variant at more sparsities than the others).
+    sweep: list[Sweep] = [Sweep()]
+    variants: list[Variants] = [Variants()]
     tasks: GridTasks = GridTasks()
     cells: list[str] = []  # only these cells (ids) of the grid; empty: every cell
     resources: Resources = Resources()
+
+    @field_validator("sweep", "variants", mode="before")
+    @classmethod
+    def _groups(cls, value):
+        return [value] if isinstance(value, dict) else value
 
 
 def full_grid(grid: Grid = Grid()) -> list[Cell]:
@@ -158,15 +164,17 @@ def full_grid(grid: Grid = Grid()) -> list[Cell]:
         cells.append(Cell("magnitude", "reprune", structure))
         cells += [Cell(method, regime, structure) for method in METHODS if method != "magnitude"
                   for regime in REGIMES]
-    for sparsity in grid.sweep.sparsities:
-        if "magnitude" in grid.sweep.methods:
-            cells.append(Cell("magnitude", "reprune", "unstructured", sparsity))
-        cells += [Cell(method, regime, "unstructured", sparsity) for method in grid.sweep.methods
-                  if method != "magnitude" for regime in grid.sweep.regimes]
-    cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in grid.variants.sparsities
-              for variant in grid.variants.names]
-    cells += [Cell("copal", "accumulate", structure, 0.5, variant) for structure in grid.variants.structures
-              for variant in grid.variants.names]
+    for sweep in grid.sweep:
+        for sparsity in sweep.sparsities:
+            if "magnitude" in sweep.methods:
+                cells.append(Cell("magnitude", "reprune", "unstructured", sparsity))
+            cells += [Cell(method, regime, "unstructured", sparsity) for method in sweep.methods
+                      if method != "magnitude" for regime in sweep.regimes]
+    for variants in grid.variants:
+        cells += [Cell("copal", "accumulate", "unstructured", sparsity, variant) for sparsity in variants.sparsities
+                  for variant in variants.names]
+        cells += [Cell("copal", "accumulate", structure, 0.5, variant) for structure in variants.structures
+                  for variant in variants.names]
     return list(dict.fromkeys(cells))
 
 

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -145,6 +147,33 @@ def test_report_only_writes_the_outputs_of_the_cells_so_far_and_runs_nothing(gri
     assert "Not yet run (" in (out / "benchmark.md").read_text()
 
 
+def test_cells_restored_from_benchmark_json_report_the_same_numbers(grid, tmp_path, data_dir):
+    """benchmarks/restore_cells.py: a grid whose cell directories are gone (only benchmark.json
+    was committed) gets them back, so a resumed grid recomputes nothing it had finished."""
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(grid["raw"]))
+    out = tmp_path / "out"
+    for cell in grid["cells"]:
+        shutil.copytree(bench.cell_dir(grid["out"], cell), bench.cell_dir(out, cell))
+    report_only = ["bench", "--config", str(config), "--out", str(out), "--report-only"]
+    assert CliRunner().invoke(app, report_only).exit_code == 0
+    before = json.loads((out / "benchmark.json").read_text())
+    shutil.rmtree(out / "cells")
+    restore = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "restore_cells.py"), "--config", str(config),
+               "--out", str(out)]
+    done = subprocess.run(restore, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split()) == sorted(["restored"] * 3 + [cell.id for cell in grid["cells"]])
+    assert all(bench.is_finished(out, cell, len(grid["base"].domains)) for cell in grid["cells"])
+    assert CliRunner().invoke(app, report_only).exit_code == 0
+    assert json.loads((out / "benchmark.json").read_text()) == before
+    # a run made outside the grid stands in for a cell only with the cell's own config
+    other = subprocess.run(restore + ["--run", f"wanda-reprune-u50={bench.cell_dir(grid['out'], grid['cells'][1])}"],
+                           capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert other.returncode != 0 and "its config differs from the cell's in" in other.stderr
+    assert "method" in other.stderr.splitlines()[-1]
+
+
 def test_grid_definition():
     cells = bench.full_grid()
     ids = [cell.id for cell in cells]
@@ -162,6 +191,14 @@ def test_grid_definition():
     assert bench.cost_cells(cells) == [bench.Cell("magnitude", "reprune"), bench.Cell("wanda", "accumulate"),
                                        bench.Cell("sparsegpt", "accumulate"), bench.Cell("copal", "accumulate")]
     assert {c.id for c in bench.quick_grid()} <= set(ids)
+    # sweep and variants also take lists of groups, each with its own settings
+    grouped = bench.Grid(structures=[], sweep=[{"sparsities": [0.6], "methods": ["wanda"], "regimes": ["reprune"]},
+                                               {"sparsities": [0.7], "methods": ["sparsegpt"], "regimes": ["accumulate"]}],
+                         variants=[{"sparsities": [0.7], "names": ["loss"]},
+                                   {"sparsities": [0.6], "structures": ["2:4"], "names": ["hessian"]}])
+    assert [c.id for c in bench.full_grid(grouped)] == [
+        "wanda-reprune-u60", "sparsegpt-accumulate-u70", "copal-accumulate-u70-loss", "copal-accumulate-u60-hessian",
+        "copal-accumulate-2of4-hessian"]
 
 
 def test_cell_configs_validate_and_quick_only_shrinks(llama_dir, corpus_dir):
@@ -199,7 +236,8 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
                          cell("copal", "accumulate", avg=11.0, bwt=-0.5),
                          cell("copal", "accumulate", sparsity=0.7, avg=30.0, bwt=-2.0),
                          cell("copal", "accumulate", sparsity=0.7, avg=28.0, bwt=-3.0, variant="loss"),
-                         cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="reconstruct")],
+                         cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="reconstruct"),
+                         cell("copal", "accumulate", "2:4", avg=60.0, bwt=0.5, variant="hessian")],
                "missing": ["wanda-reprune-u50"]}
     text = report.write_markdown(BenchSummary.model_validate(summary))
     assert "| method | regime | 50 % unstructured avg PPL | 50 % unstructured BWT | 2:4 avg PPL | 2:4 BWT |" in text
@@ -214,10 +252,13 @@ def test_markdown_layout_with_magnitude_sweep_variants_and_missing_cells():
     assert "| copal | accumulate | 11.00 | -0.50 | 30.00 | -2.00 |" in text  # the variant stays out of it
     assert "| 70 % avg PPL | 70 % BWT | 70 % pruning s/step | 2:4 avg PPL | 2:4 BWT | 2:4 pruning s/step |" in text
     notes = {key: note.replace("|", "\\|") for key, note in bench.VARIANT_NOTES.items()}  # | in a table cell
-    assert f"| default | {notes['']} | 30.00 | -2.00 | 1.00 |  |  |  |" in text
+    assert f"| configured | {notes['']} (hessian sensitivity) | 30.00 | -2.00 | 1.00 |  |  |  |" in text
     assert f"| loss | {notes['loss']} | 28.00 | -3.00 | 1.00 |  |  |  |" in text
-    assert f"| raw | {notes['raw']} |  |  |  |  |  |  |" in text
+    assert f"| raw | {notes['raw']} |" not in text  # no cell of it: no row
     assert f"| reconstruct | {notes['reconstruct']} |  |  |  | 60.00 | 0.50 | 1.00 |" in text
+    # the targets judge the configured copal and the second-order variant against the best baseline
+    assert "| 2:4 | configured |" not in text and "| 2:4 | hessian | 0.50 | 2.00 | 0.25 | **missed** | 60.00 " \
+        "| wanda/reprune | 90.00 | 0.667 | met |" in text
     assert "| copal | accumulate | 2.0 | 1.00 | 100 |" in text
     assert "Not yet run (1): wanda-reprune-u50." in text
 
@@ -293,7 +334,8 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
 
 @pytest.mark.parametrize("grid, needles", [
     ({"structures": ["3:4"]}, ["grid: structures.0"]),
-    ({"sweep": {"sparsities": [1.5]}}, ["grid: sweep.sparsities.0", "less than 1"]),
+    ({"sweep": {"sparsities": [1.5]}}, ["grid: sweep.0.sparsities.0", "less than 1"]),
+    ({"variants": [{"names": ["hessian"]}, {"names": ["nope"]}]}, ["grid: variants.1.names.0"]),
     ({"variant": {}}, ["grid: variant", "unknown key"]),
     ({"tasks": {"names": ["copal_wordnet_define"], "cells": ["wanda-nothing-u50"]}},
      ["grid.tasks.cells", "wanda-nothing-u50", "not in this grid"]),
