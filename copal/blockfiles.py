@@ -68,6 +68,7 @@ class BlockedTensors:
         self.pending: list[Future | dict[str, torch.Tensor]] = []
         self.pending_names: list[str] = []
         self.pending_format: str | None = None  # None: plain tensors (float32 or the weights' dtype)
+        self.pending_codec: StateCodec | None = None
         self.index: dict[str, str] = {}
         self.aliases: dict[str, str] = {}  # layer → the layer whose tensor it shares (same file)
         self._pending_aliases: dict[str, str] = {}
@@ -75,19 +76,17 @@ class BlockedTensors:
 
     def add(self, name: str, tensor: torch.Tensor, codec: StateCodec | None = None,
             encoded: dict[str, torch.Tensor] | None = None) -> None:
-        """`tensor` to store under `name`, in `codec`'s format; `encoded`: its stored
-        form where the caller has encoded it already (on the CPU)."""
+        """`tensor` to store under `name`, in `codec`'s format; `encoded`: what the
+        codec's `encode` gave for it, where the caller has encoded it already (on the CPU)."""
         label = None if codec is None or codec.name == "float32" else f"{codec.name}/v{STATE_VERSION}"
         if self.pending_names and label != self.pending_format:
             raise RuntimeError(f"{name}: one block file holds one state format "
                                f"({self.pending_format or 'float32'} already, {label or 'float32'} given)")
-        self.pending_format = label
+        self.pending_format, self.pending_codec = label, codec
         self.pending_names.append(name)
-        if label is not None and encoded is not None:
-            self.pending.append(encoded)
-            return
-        if label is not None:  # encoded on the compute device, by the worker: the pass goes on meanwhile
-            self.pending.append(self.worker.submit(_encoded, codec, name, tensor.detach()))
+        if label is not None:  # unless the caller has, encoded on the compute device by the worker meanwhile
+            self.pending.append(encoded if encoded is not None else
+                                self.worker.submit(_encoded, codec, name, tensor.detach()))
             return
         tensor = tensor.detach().to("cpu").contiguous()
         plain = [item for item in self.pending if isinstance(item, dict)]
@@ -107,15 +106,19 @@ class BlockedTensors:
         if self._last_write is not None:
             self._last_write.result()  # the block before: written, its memory free
         metadata = {FORMAT_KEY: self.pending_format} if self.pending_format else None
-        self._last_write = self.worker.submit(self._write, self.pending, _block_file(block), metadata)
+        self._last_write = self.worker.submit(self._write, self.pending, _block_file(block), metadata,
+                                              self.pending_codec if self.pending_format else None)
         self.index.update({name: _block_file(block) for name in self.pending_names + list(self._pending_aliases)})
         self.aliases.update(self._pending_aliases)
-        self.pending, self.pending_names, self.pending_format, self._pending_aliases = [], [], None, {}
+        self.pending, self.pending_names, self.pending_format, self.pending_codec = [], [], None, None
+        self._pending_aliases = {}
 
-    def _write(self, items: list, file: str, metadata: dict | None) -> None:
+    def _write(self, items: list, file: str, metadata: dict | None, codec: StateCodec | None) -> None:
         tensors = {}
         for item in items:
             tensors.update(item.result() if isinstance(item, Future) else item)
+        if codec is not None:
+            tensors = codec.store(tensors)
         self.folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(self.folder / file), metadata=metadata)
 

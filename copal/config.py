@@ -64,14 +64,15 @@ class StateOptions(Strict):
     steps keep their parent's format (docs/DESIGN-NOTES.md).
 
     `hessian`: how an accumulated Hessian (COPAL's default sensitivity, SparseGPT's) is
-    stored, once per distinct layer input: `sym16` (default), its symmetric half in
-    float16 with a scale (copal.codecs.SymmetricHalf16; the step prunes with what it
-    stores), or `float32` (what runs stored before). A step whose weights a method
+    stored, once per distinct layer input: `sym16z` (default), `sym16` losslessly
+    deflated (0.87x its bytes on SmolLM2; copal.codecs.SymmetricHalf16Zip), `sym16`, its
+    symmetric half in float16 with a scale (copal.codecs.SymmetricHalf16; the step
+    prunes with what it stores, the same in both), or `float32` (what runs stored before). A step whose weights a method
     reconstructs from its accumulated state stores no weights: they are recomputed
     from W0, the mask and the state wherever they are read."""
 
     format: StateFormat = "log6L"
-    hessian: HessianFormat = "sym16"
+    hessian: HessianFormat = "sym16z"
 
 
 class RunConfig(Strict):

@@ -4,13 +4,14 @@ reconstructed weights recomputed from W0, the mask and that state instead of sto
 — bit for bit the weights the step evaluated."""
 
 import json
+import zlib
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import small_config
-from copal.codecs import HESSIAN_CODECS, SymmetricHalf16, codec_for
+from copal.codecs import HESSIAN_CODECS, SymmetricHalf16, SymmetricHalf16Zip, codec_for
 from copal.config import build_config
 from copal.continual import ContinualRun
 from copal.errors import InputError
@@ -44,6 +45,39 @@ def test_sym16_keeps_the_upper_half_in_float16_and_decodes_symmetric():
         codec.encode("h", torch.full((3, 3), float("nan")))
 
 
+def test_sym16z_stores_sym16_deflated_and_decodes_to_exactly_sym16s_matrix():
+    plain, zipped, value = SymmetricHalf16(), SymmetricHalf16Zip(), _hessian(size=64)
+    encoded, decoded = zipped.roundtrip("h", value)
+    stored = zipped.store(encoded)
+    assert set(stored) == set(zipped.keys("h")) and stored["h.zipped"].dtype == torch.uint8
+    x = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))  # entries of one scale, as in a real H
+    assert zipped.store(zipped.roundtrip("h", x.t() @ x)[0])["h.zipped"].numel() < 0.95 * 64 * 65
+    assert torch.equal(zipped.decode("h", stored.__getitem__), decoded)
+    assert torch.equal(decoded, plain.decode("h", plain.encode("h", value).__getitem__))
+    assert codec_for("sym16z/v1") is HESSIAN_CODECS["sym16z"]
+    for corrupt in (stored["h.zipped"][:-7], torch.frombuffer(bytearray(zlib.compress(b"abc")), dtype=torch.uint8)):
+        with pytest.raises(InputError, match="corrupt sym16z state"):
+            zipped.decode("h", (stored | {"h.zipped": corrupt}).__getitem__)
+
+
+def test_a_sym16z_run_prunes_exactly_as_a_sym16_run(tmp_path, llama_dir, corpus_dir, data_dir):
+    """The formats differ in bytes on disk only: same masks, same weights, smaller files."""
+    domains = small_config(llama_dir, corpus_dir)["domains"][:2]
+    for hessian in ("sym16", "sym16z"):
+        config = build_config(small_config(llama_dir, corpus_dir, domains=domains, state={"hessian": hessian}))
+        ContinualRun(config, tmp_path / hessian).run()
+    plain, zipped = StepState(tmp_path / "sym16/steps/2"), StepState(tmp_path / "sym16z/steps/2")
+    run = ContinualRun(config, tmp_path / "sym16z")
+    dense = run.session.execution.dense
+    for name in all_prunable(run.session.execution.model):
+        assert torch.equal(plain.mask(name), zipped.mask(name))
+        assert torch.equal(plain.weight(name, dense), zipped.weight(name, dense))
+        assert torch.equal(plain.sensitivity(name), zipped.sensitivity(name))
+    size = {hessian: sum(f.stat().st_size for f in (tmp_path / hessian / "steps/2/sensitivity").glob("*.safetensors"))
+            for hessian in ("sym16", "sym16z")}
+    assert size["sym16z"] < size["sym16"]
+
+
 def test_a_float32_lineage_keeps_float32_hessians(tmp_path):
     """state.hessian applies to a lineage's first step; later steps keep the parent's format."""
     accumulate, method = REGIMES["accumulate"], SparseGPT()
@@ -69,7 +103,7 @@ def _groups(names):
     {"method": "sparsegpt", "state": {"hessian": "sym16"}},
     {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
     {"method": "copal", "copal": {"sensitivity": "output", "reconstruct": True, "refit": "pcg"}},
-    {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16
+    {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16z
 ])
 def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,
                                                                         settings, monkeypatch):
@@ -104,7 +138,7 @@ def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path
     stored = set()
     for file in (head.folder / "sensitivity").glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
-            assert handle.metadata()["copal_state_format"] == "sym16/v1"
+            assert handle.metadata()["copal_state_format"] == f"{config.state.hessian}/v1"
             stored |= {key.rsplit(".", 1)[0] for key in handle.keys()}
     assert not stored & set(aliases)  # each distinct input's Hessian once
     for alias, owner in aliases.items():
