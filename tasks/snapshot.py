@@ -58,12 +58,14 @@ def snapshot_step(step_dir: Path) -> str | None:
     if os.environ.get("DVC_STAGE"):
         return f"stage:{os.environ['DVC_STAGE']}"
     root = dvc_root(step_dir)
+    pointer = step_dir.with_name(step_dir.name + ".dvc")
     if root is None:
-        run = step_dir.resolve().parent.parent
-        if run not in _SAID_OFF:
-            _SAID_OFF.add(run)
-            log.info("DVC snapshots are off: %s is not inside a DVC project. To snapshot each step, run "
-                     "`git init && dvc init` (or `dvc init --no-scm`) in a folder above it", run)
+        _say_off(step_dir, "is not inside a DVC project. To snapshot each step, run `git init && dvc init` "
+                           "(or `dvc init --no-scm`) in a folder above it")
+        return None
+    if _git_ignored(pointer, root):  # DVC refuses a pointer file git would not track
+        _say_off(step_dir, "is ignored by git (.gitignore), so DVC cannot version it. To snapshot each step, "
+                           "write the run outside the ignored folder")
         return None
     with exclusive_dvc_add(root):
         result = subprocess.run([sys.executable, "-m", "dvc", "add", str(step_dir.resolve())],
@@ -71,5 +73,20 @@ def snapshot_step(step_dir: Path) -> str | None:
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
         raise RuntimeError(f"dvc add {step_dir} failed: {lines[0]}")
-    pointer = yaml.safe_load(step_dir.with_name(step_dir.name + ".dvc").read_text())
-    return pointer["outs"][0]["md5"]
+    return yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+
+
+def _say_off(step_dir: Path, why: str) -> None:
+    """Once per run directory: why its steps are not snapshotted."""
+    run = step_dir.resolve().parent.parent
+    if run not in _SAID_OFF:
+        _SAID_OFF.add(run)
+        log.info("DVC snapshots are off: %s %s", run, why)
+
+
+def _git_ignored(path: Path, root: Path) -> bool:
+    """Whether git ignores `path` in the repository the DVC project at `root` is in (False without git)."""
+    if not (root / ".git").exists() and not any((parent / ".git").exists() for parent in root.parents):
+        return False
+    result = subprocess.run(["git", "check-ignore", "-q", str(path.resolve())], cwd=root, capture_output=True)
+    return result.returncode == 0

@@ -147,6 +147,29 @@ def test_a_sweep_on_a_cluster_gives_the_local_numbers(cluster, request, sweep, t
         assert json.loads((tmp_path / "cluster" / name / "tracking.json").read_text())["parent_run_id"]
 
 
+def test_a_git_ignored_run_directory_is_not_snapshotted(tmp_path, caplog):
+    """DVC refuses to add a folder whose pointer file git ignores: the step is recorded
+    without a revision, and the run says once why, instead of failing every snapshot."""
+    from tasks.snapshot import snapshot_step
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("/ignored/\n")
+    revisions = {}
+    for folder in ("ignored", "tracked"):
+        for step_id in (1, 2):
+            step = tmp_path / folder / "run" / "steps" / str(step_id)
+            step.mkdir(parents=True)
+            (step / "masks.bin").write_bytes(b"mask" * 100 * step_id)
+            with caplog.at_level("INFO", logger="copal"):
+                revisions[folder, step_id] = snapshot_step(step)
+    assert revisions["ignored", 1] is None and revisions["ignored", 2] is None
+    assert not (tmp_path / "ignored/run/steps/1.dvc").exists()
+    said = [record.getMessage() for record in caplog.records if "snapshots are off" in record.getMessage()]
+    assert len(said) == 1 and "ignored by git" in said[0]
+    assert revisions["tracked", 1] == yaml.safe_load((tmp_path / "tracked/run/steps/1.dvc").read_text())["outs"][0]["md5"]
+
+
 def test_dvc_adds_in_one_project_take_turns(tmp_path):
     """Two step directories snapshotted at once both succeed; a snapshot waits while the lock is held."""
     from tasks.snapshot import exclusive_dvc_add, snapshot_step
