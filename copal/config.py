@@ -11,6 +11,7 @@ from copal.errors import InputError
 from copal.masks import STRUCTURES, parse_structure
 from copal.methods import METHODS
 from copal.methods.copal import CopalOptions
+from copal.methods.refitted import RefitOptions
 from copal.methods.sparsegpt import SparseGPTOptions
 from copal.model import DTYPES
 from copal.names import NAME_RULE, is_safe_name
@@ -91,6 +92,8 @@ class RunConfig(Strict):
     trust_remote_code: bool = False
     copal: CopalOptions = CopalOptions()
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
+    wanda: RefitOptions = RefitOptions()
+    magnitude: RefitOptions = RefitOptions()
     state: StateOptions = StateOptions()
 
     @field_validator("name")

@@ -104,6 +104,8 @@ def _groups(names):
     {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
     {"method": "copal", "copal": {"sensitivity": "output", "reconstruct": True, "refit": "pcg"}},
     {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16z
+    {"method": "wanda", "wanda": {"refit": "pcg"}},
+    {"method": "magnitude", "magnitude": {"refit": "obs"}, "structure": "2:4"},
 ])
 def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,
                                                                         settings, monkeypatch):

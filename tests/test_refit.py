@@ -180,6 +180,35 @@ def test_sparsegpt_refit_keeps_its_mask_lowers_the_error_and_recomputes_bit_for_
     assert method.options()["refit_iterations"] == 20
 
 
+@pytest.mark.parametrize("name", ["wanda", "magnitude"])
+@pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4))])
+def test_wanda_and_magnitude_refit_keeps_their_mask_and_fits_towards_the_exact_solve(name, structure):
+    """`wanda/magnitude: {refit: obs | pcg}`: the method's own mask (Wanda's from the
+    Hessian's diagonal, its Σx²), the kept weights refit on it; none changes nothing."""
+    from copal.methods import METHODS
+    from copal.methods.wanda import InputEnergy
+
+    weight, hessian = _layer(rows=32, cols=64)
+    plain = METHODS[name]()
+    assert plain.statistic is (InputEnergy if name == "wanda" else None)
+    own_stat = hessian.diagonal().clone() if name == "wanda" else None
+    plain_keep, unchanged = plain.prune(weight, own_stat, structure)
+    assert unchanged is None
+    errors = {}
+    for solver in ("obs", "pcg"):
+        method = METHODS[name](refit=solver, refit_iterations=20, blocksize=16)
+        assert method.symmetric_state  # it accumulates H now, stored as state.hessian says
+        keep, fitted = method.prune(weight, hessian, structure)
+        assert torch.equal(keep, plain_keep) and (fitted[~keep] == 0).all()
+        assert torch.equal(METHODS[name](**method.options()).reweight(weight, hessian, keep), fitted)
+        errors[solver] = reconstruction_error(fitted, hessian, weight).sum()
+    exact = reconstruction_error(refit(weight, hessian, plain_keep, "exact"), hessian, weight).sum()
+    masked = reconstruction_error(weight * plain_keep, hessian, weight).sum()
+    assert errors["pcg"] <= 1.01 * exact and errors["pcg"] < errors["obs"] < masked
+    with pytest.raises(ValueError, match="refit"):
+        METHODS[name](refit="exact")
+
+
 @pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4)), Structure(0.7), "given"])
 def test_sparsegpt_batched_solve_is_the_column_loop_in_another_order(structure):
     """`sparsegpt.solve: batched` (every row's triangular system of a column group at once,

@@ -1,6 +1,9 @@
-"""Wanda (Sun et al., 2024): |W_ij| · ‖X_j‖, the weight times its input column's norm."""
+"""Wanda (Sun et al., 2024): |W_ij| · ‖X_j‖, the weight times its input column's norm.
+`wanda: {refit: obs | pcg}` rebuilds the kept weights from the accumulated Hessian
+(copal.methods.refitted)."""
 
-from copal.methods.base import Method, Statistic
+from copal.methods.base import Statistic
+from copal.methods.refitted import MaskThenRefit, input_energy
 
 
 class InputEnergy(Statistic):
@@ -16,9 +19,9 @@ class InputEnergy(Statistic):
         self.value += inputs.x.square().sum(0)
 
 
-class Wanda(Method):
+class Wanda(MaskThenRefit):
     name = "wanda"
     statistic = InputEnergy
 
     def score(self, weight, stat):
-        return weight.abs() * stat.sqrt().unsqueeze(0)
+        return weight.abs() * input_energy(stat).clamp(min=0).sqrt().unsqueeze(0)
