@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from copal import metrics  # noqa: E402
+from copal.blocks import ResidentBlocks  # noqa: E402
 from copal.calibrate import prune_layerwise  # noqa: E402
 from copal.data import ingest  # noqa: E402
 from copal.windows import calibration_samples, evaluation_windows  # noqa: E402
@@ -158,6 +159,9 @@ class Policy:
         self.seconds += time.perf_counter() - start
         return new.to(base.dtype)
 
+    def prune_layers(self, names, bases, fresh):
+        return [self.prune_layer(name, base, hessian) for name, base, hessian in zip(names, bases, fresh)]
+
     def finish_block(self, index):
         pass
 
@@ -203,7 +207,7 @@ def perplexity_cells(model, dense, hessians, batches, windows, args) -> dict:
             policy = OWLSparseGPT(dense, profiles[label], REFITS[refit_name])
         else:
             policy = Policy(dense, structure, mask, REFITS[refit_name], profiles.get(label) if profile_name == "owl" else None)
-        prune_layerwise(model, batches, Hessian, policy, torch.device("cpu"))
+        prune_layerwise(model, batches, Hessian, policy, torch.device("cpu"), ResidentBlocks(model))
         pruned = sum(int((weight_matrix(m) == 0).sum()) for m in all_prunable(model).values())
         total = sum(weight_matrix(m).numel() for m in all_prunable(model).values())
         ppl = {domain: metrics.perplexity(model, w, torch.device("cpu"), 8)[0] for domain, w in windows.items()}
