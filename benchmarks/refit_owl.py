@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from copal import metrics  # noqa: E402
+from copal.admm import admm_prune  # noqa: E402
 from copal.blocks import ResidentBlocks  # noqa: E402
 from copal.calibrate import prune_layerwise  # noqa: E402
 from copal.data import ingest  # noqa: E402
@@ -146,16 +147,21 @@ class Policy:
     def prune_layer(self, name, base, hessian):
         start = time.perf_counter()
         weight = base.float()
+        start_weight = None  # the mask method's own weights: the pcg refit's warm start
         if self.mask_method == "sparsegpt":
             keep, obs_weight = sparsegpt_prune(weight, hessian, self.structure, None, 128, DAMPENING, name)
+        elif self.mask_method == "admm":
+            keep, obs_weight = admm_prune(weight, hessian, self.structure, DAMPENING)
+            start_weight = obs_weight
         elif self.profile is not None:
             keep = layer_mask(weight.abs() * hessian.diagonal().clamp(min=0).sqrt()[None, :], self.profile.pruned[name])
         else:
             keep = wanda_mask(weight, hessian, self.structure)
         if self.refit_setting is None:
-            new = obs_weight if self.mask_method == "sparsegpt" else weight * keep
+            new = obs_weight if self.mask_method in ("sparsegpt", "admm") else weight * keep
         else:
-            new = refit(weight, hessian, keep, self.refit_setting[0], DAMPENING, self.refit_setting[1], layer=name)
+            new = refit(weight, hessian, keep, self.refit_setting[0], DAMPENING, self.refit_setting[1], layer=name,
+                        start=start_weight)
         self.seconds += time.perf_counter() - start
         return new.to(base.dtype)
 
@@ -174,6 +180,11 @@ CELLS = [  # (structure, mask, profile, refit)
     ("2:4", "wanda", "uniform", "exact"), ("2:4", "sparsegpt", "uniform", "none"), ("2:4", "sparsegpt", "uniform", "pcg20"),
     ("70%", "wanda", "uniform", "none"), ("70%", "wanda", "uniform", "pcg20"), ("70%", "wanda", "owl", "none"),
     ("70%", "wanda", "owl", "pcg20"), ("70%", "sparsegpt", "uniform", "none"), ("70%", "sparsegpt", "owl", "none"),
+    # ADMM's mask and weights (copal.admm), as they are and refit on their support, beside SparseGPT + the same refit
+    ("50%", "admm", "uniform", "none"), ("50%", "admm", "uniform", "pcg10"), ("50%", "sparsegpt", "uniform", "pcg10"),
+    ("2:4", "admm", "uniform", "none"), ("2:4", "admm", "uniform", "pcg10"), ("2:4", "sparsegpt", "uniform", "pcg10"),
+    ("70%", "admm", "uniform", "none"), ("70%", "admm", "uniform", "pcg10"), ("70%", "sparsegpt", "uniform", "pcg10"),
+    ("70%", "sparsegpt", "owl", "pcg10"),
 ]
 
 
@@ -197,6 +208,9 @@ def perplexity_cells(model, dense, hessians, batches, windows, args) -> dict:
           + f" | {sum(results['dense'].values()) / len(windows):.2f} | |")
     profiles = {}
     chosen = set(filter(None, args.cells.split(",")))
+    unknown = chosen - {"/".join(cell) for cell in CELLS}
+    if unknown:
+        sys.exit(f"--cells: {', '.join(sorted(unknown))} not among the cells this script knows")
     for label, mask, profile_name, refit_name in CELLS:
         if chosen and f"{label}/{mask}/{profile_name}/{refit_name}" not in chosen:
             continue

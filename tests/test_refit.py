@@ -223,3 +223,24 @@ def test_sparsegpt_batched_solve_is_the_column_loop_in_another_order(structure):
     assert torch.equal(loop[0], batched[0])
     assert _relative(batched[1], loop[1]) < 1e-5 and (batched[1][~batched[0]] == 0).all()
     assert resolved_solve("auto", torch.device("cpu")) == "loop" and resolved_solve("auto", "cuda:0") == "batched"
+
+
+@pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4)), Structure(0.7)])
+def test_admm_keeps_the_structure_and_fits_better_than_sparsegpt_refit_exactly(structure):
+    """copal.admm: a mask of the asked structure, zeros where it prunes, the same bits
+    twice, and on correlated inputs a lower layer objective than SparseGPT's mask with
+    its kept weights refit to the least-squares optimum."""
+    from copal.admm import admm_prune
+    from copal.methods import SparseGPT
+
+    weight, hessian = _layer(rows=64, cols=128, tokens=2000)
+    keep, fitted = admm_prune(weight, hessian, structure)
+    again = admm_prune(weight, hessian, structure)
+    assert torch.equal(keep, again[0]) and torch.equal(fitted, again[1]) and (fitted[~keep] == 0).all()
+    if structure.n_m:
+        assert (keep.reshape(64, -1, 4).sum(-1) == 2).all()
+    else:
+        assert (keep.sum(1) == round(128 * (1 - structure.sparsity))).all()
+    sparsegpt_keep, _ = SparseGPT(blocksize=32).prune(weight, hessian, structure)
+    best_for_sparsegpt = reconstruction_error(refit(weight, hessian, sparsegpt_keep, "exact"), hessian, weight).sum()
+    assert reconstruction_error(fitted, hessian, weight).sum() < 0.99 * best_for_sparsegpt
