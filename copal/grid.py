@@ -51,6 +51,7 @@ COPAL_VARIANTS = {
     "max": {"sensitivity": "output", "reduce": "max"},
     "reconstruct": {"sensitivity": "output", "reconstruct": True, "refit": "obs"},
     "pcg": {"sensitivity": "output", "reconstruct": True, "refit": "pcg", "refit_iterations": 20},
+    "admm": {"sensitivity": "hessian", "mask": "admm"},
 }
 VARIANT_NOTES = {
     "": "the configured copal section",
@@ -64,6 +65,8 @@ VARIANT_NOTES = {
                    "accumulated Hessian",
     "pcg": "output sensitivity's mask, kept weights refit by conjugate gradient (ALPS's refit, 20 iterations) from "
            "the accumulated Hessian",
+    "admm": "second-order, the mask chosen by ADMM on the accumulated Hessian (ALPS's splitting), kept weights refit "
+            "by conjugate gradient",
 }
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16

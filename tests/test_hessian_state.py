@@ -105,6 +105,7 @@ def _groups(names):
     {"method": "copal", "copal": {"sensitivity": "output", "reconstruct": True, "refit": "pcg"}},
     {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16z
     {"method": "wanda", "wanda": {"refit": "pcg"}},
+    {"method": "copal", "copal": {"mask": "admm"}, "structure": "2:4"},
     {"method": "magnitude", "magnitude": {"refit": "obs"}, "structure": "2:4"},
 ])
 def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,

@@ -159,6 +159,8 @@ def test_refit_pcg_needs_reconstruct():
     assert CopalOptions().rebuilt_by == "pcg" and CopalOptions(sensitivity="output").rebuilt_by == ""
     with pytest.raises(ValueError, match="needs reconstruct: true"):
         CopalOptions(sensitivity="output", refit="pcg")
+    with pytest.raises(ValueError, match="mask: admm .* needs sensitivity: hessian"):
+        CopalOptions(sensitivity="output", mask="admm")
 
 
 @pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4))])

@@ -9,6 +9,8 @@ Three sensitivities (docs/METHOD.md):
   column block) and updates the kept weights, and conjugate gradient then refits
   them towards the least-squares optimum on that mask (ALPS's refit, `refit: pcg`,
   `refit_iterations`). Measured the best continual pruner on SmolLM2 (docs/RESULTS.md).
+  `mask: admm` chooses the mask by ADMM on the same objective instead (copal.admm),
+  then refits the kept weights on it.
 * `output`: the paper's first-order one, |W| · |∂(½‖y‖²)/∂W| summed per token, from
   each layer's own input and output. `reconstruct` keeps its mask and refits the kept
   weights from the Hessian accumulated the same way (`refit`: obs or pcg).
@@ -25,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from copal.admm import admm_prune
 from copal.masks import Structure, select_mask
 from copal.methods.base import Method, Statistic, accumulate
 from copal.methods.sparsegpt import Hessian, SparseGPT
@@ -50,6 +53,10 @@ class CopalOptions(Strict):
     # (ALPS's refit; copal.refit). Unset: pcg for sensitivity: hessian, obs for reconstruct.
     refit: Literal["obs", "pcg"] | None = None
     refit_iterations: int = Field(8, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
+    # sensitivity: hessian's mask: `obs`, SparseGPT's (chosen column block by column block
+    # inside its update); `admm`, mask and weights together by ADMM on the layer-wise
+    # objective (copal.admm, ALPS's splitting), the kept weights then refit on that mask.
+    mask: Literal["obs", "admm"] = "obs"
 
     @model_validator(mode="after")
     def _coherent(self) -> "CopalOptions":
@@ -59,6 +66,8 @@ class CopalOptions(Strict):
         if self.refit == "pcg" and self.sensitivity == "output" and not self.reconstruct:
             raise ValueError("refit: pcg refits from the accumulated Hessian; with sensitivity: output it needs "
                              "reconstruct: true")
+        if self.mask == "admm" and self.sensitivity != "hessian":
+            raise ValueError("mask: admm chooses from the accumulated Hessian; it needs sensitivity: hessian")
         if self.reduce == "max" and (self.reconstruct or self.sensitivity == "hessian"):
             raise ValueError("an elementwise max of Hessians over domains is not a Hessian; "
                              "the Hessian needs reduce: sum")
@@ -146,9 +155,10 @@ class Copal(Method):
 
     def __init__(self, sensitivity: str = "hessian", normalize: bool = True, reduce: str = "sum",
                  reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 8,
-                 blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
+                 mask: str = "obs", blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
         options = CopalOptions(sensitivity=sensitivity, normalize=normalize, reduce=reduce, reconstruct=reconstruct,
-                               refit=refit, refit_iterations=refit_iterations)
+                               refit=refit, refit_iterations=refit_iterations, mask=mask)
+        self.mask = mask
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
@@ -160,11 +170,11 @@ class Copal(Method):
         self.factors = InverseFactors()
         # sensitivity: hessian is SparseGPT's pass, and its refit, on the accumulated Hessian
         self.second_order = (SparseGPT(blocksize, dampening, self.refit, refit_iterations, solve)
-                             if sensitivity == "hessian" else None)
+                             if sensitivity == "hessian" and mask == "obs" else None)
         self.statistic = {"hessian": Hessian, "loss": None}.get(
             sensitivity, SensitivityAndHessian if reconstruct else OutputSensitivity)
         self.whole_model = sensitivity == "loss"
-        self.stacks_rows = self.second_order is not None
+        self.stacks_rows = sensitivity == "hessian"  # per-row masks and a row-wise rebuild
 
     @classmethod
     def from_config(cls, config):
@@ -177,15 +187,19 @@ class Copal(Method):
     def prune(self, weight, stat, structure, forced_prune=None, layer=None):
         if self.second_order is not None:
             return self.second_order.prune(weight, stat, structure, forced_prune, layer)
-        if not self.reconstruct:
+        if self.mask == "admm":
+            keep, _ = admm_prune(weight, stat, structure, self.dampening, forced_prune=forced_prune)
+        elif not self.reconstruct:
             return super().prune(weight, stat, structure, forced_prune, layer)
-        sensitivity, _ = split_hessian(stat)
-        keep = select_mask(self.score(weight.float(), sensitivity), structure, forced_prune)
+        else:
+            keep = select_mask(self.score(weight.float(), split_hessian(stat)[0]), structure, forced_prune)
         return keep, self.reweight(weight, stat, keep, layer)
 
     def reweight(self, weight, stat, keep, layer=None):
         if self.second_order is not None:
             return self.second_order.reweight(weight, stat, keep, layer)
+        if self.mask == "admm":  # the refit from the mask alone: W0, H and the mask recompute it
+            return refit_kept(weight, stat, keep, self.refit, self.dampening, self.pcg, self.blocksize, layer)
         if not self.reconstruct:
             return None
         _, hessian = split_hessian(stat)
@@ -197,7 +211,8 @@ class Copal(Method):
     def options(self):
         return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
                 "reconstruct": self.reconstruct, "refit": self.refit, "blocksize": self.blocksize,
-                "dampening": self.dampening, "refit_iterations": self.pcg.iterations, "solve": self.solve}
+                "dampening": self.dampening, "refit_iterations": self.pcg.iterations, "solve": self.solve,
+                "mask": self.mask}
 
     def finish_block(self):
         self.factors.clear()
