@@ -1,12 +1,12 @@
 """A layer's mask and kept weights together, by ADMM on the layer-wise objective, in
-the spirit of ALPS (Meng et al., arXiv 2406.07831, sections 3.1-3.2): a building
-block measured in benchmarks/refit_owl.py, not used by any method yet.
+the spirit of ALPS (Meng et al., arXiv 2406.07831, sections 3.1-3.2): `copal.mask:
+admm`'s mask (copal.methods.copal), measured in benchmarks/refit_owl.py.
 
     minimise  ½ (W − W0) H (W − W0)ᵀ   subject to W's sparsity pattern (structure),
 
 split as W = D with D sparse: W takes a ridge step towards D − V, D is the projection
 of W + V onto the structure (its largest entries), V accumulates W − D, and the penalty
-ρ grows each iteration until D stops moving. The layer is solved in the coordinates
+ρ grows each iteration, so that D settles (a fixed count of iterations, for determinism). The layer is solved in the coordinates
 where H has a unit diagonal (w' = w ⊙ √diag H), so the projection ranks |w'| =
 |w| · √diag H, Wanda's score, and one ρ suits every layer. The W step is one product
 with H's eigendecomposition, (W0'H' + ρ(D − V)) Q diag(1/(λ + ρ)) Qᵀ, factorised once.
