@@ -309,15 +309,18 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
     base, grid = bench.load_bench_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
     cells = bench.full_grid(grid)
     ids = [cell.id for cell in cells]
-    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3 * 4
+    # the 48 cells of issue 9, then issue 20's: sparsegpt/accumulate at 60/70 %, the default (hessian) at 4 settings
+    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3 * 4 + 2 + 4
     assert {c.structure for c in cells} == {"unstructured", "2:4"}
-    assert {(c.method, c.regime, c.sparsity) for c in cells if c.sparsity > 0.5} == {
+    assert {(c.method, c.regime, c.sparsity) for c in cells if c.sparsity > 0.5 and not c.variant} == {
         ("magnitude", "reprune", s) for s in (0.6, 0.7)} | {
-        (m, r, s) for m in ("wanda", "copal") for r in ("reprune", "accumulate") for s in (0.6, 0.7)}
+        (m, r, s) for m in ("wanda", "copal") for r in ("reprune", "accumulate") for s in (0.6, 0.7)} | {
+        ("sparsegpt", "accumulate", s) for s in (0.6, 0.7)}
     assert ids[:13] == [c.id for c in bench.full_grid(grid) if c.sparsity == 0.5 and c.structure == "unstructured"
                         and not c.variant]  # the main table runs first
     assert {c.id for c in cells if c.variant} == {f"copal-accumulate-{shape}-{v}" for shape in ("u50", "u70", "2of4")
-                                                   for v in ("loss", "raw", "max", "reconstruct")}
+                                                   for v in ("loss", "raw", "max", "reconstruct")} | {
+        f"copal-accumulate-{shape}-hessian" for shape in ("u50", "u60", "u70", "2of4")}
     bench.check_task_cells(grid.tasks, cells)
     assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
     from copal.config import load_config
