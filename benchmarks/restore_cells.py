@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from copal.errors import InputError
-from copal.grid import cell_config, cell_dir, plan
+from copal.config import RunConfig
+from copal.grid import Cell, cell_config, cell_dir, plan
 from copal.records import RunMetrics
 from copal.rundir import RunDir
 
@@ -35,12 +36,11 @@ def from_benchmark(out_dir: Path) -> dict[str, RunMetrics]:
             for cell in summary["cells"]}
 
 
-def from_run(cell_id: str, run_dir: Path, config_path: Path) -> RunMetrics:
+def from_run(cell_id: str, run_dir: Path, base: RunConfig, cells: list[Cell]) -> RunMetrics:
     """A finished run's metrics, if its config is the grid cell's apart from the name."""
-    base, _, cells = plan(config_path, quick=False)
     cell = next((cell for cell in cells if cell.id == cell_id), None)
     if cell is None:
-        sys.exit(f"--run {cell_id}: not a cell of {config_path}'s grid")
+        sys.exit(f"--run {cell_id}: not a cell of the grid")
     try:
         recorded = RunDir(run_dir).read_config()[0].model_dump(exclude={"name"})
     except (InputError, OSError) as error:
@@ -59,11 +59,11 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], metavar="CELL=DIR",
                         help="a cell's metrics from a finished `copal run` with the cell's config")
     args = parser.parse_args()
+    base, _, cells = plan(args.config, quick=False)
     restored = from_benchmark(args.out)
     for item in args.run:
         cell_id, _, run_dir = item.partition("=")
-        restored[cell_id] = from_run(cell_id, Path(run_dir), args.config)
-    _, _, cells = plan(args.config, quick=False)
+        restored[cell_id] = from_run(cell_id, Path(run_dir), base, cells)
     for cell in cells:
         metrics, directory = restored.get(cell.id), cell_dir(args.out, cell)
         if metrics is None or directory.exists():
