@@ -16,7 +16,9 @@ from copal.methods.sparsegpt import SparseGPTOptions
 from copal.model import DTYPES
 from copal.names import NAME_RULE, is_safe_name
 from copal.options import Strict
+from copal.owl import check_options
 from copal.paths import shipped
+from copal.profiles import OWLOptions
 from copal.regimes import REGIMES
 from copal.codecs import CODECS, HESSIAN_CODECS
 
@@ -85,6 +87,11 @@ class RunConfig(Strict):
     structure: StructureName = "unstructured"
     sparsity: float = 0.5
     mask_scope: Literal["row", "layer"] = "row"
+    # How the sparsity is spread over the layers: `uniform`, each at `sparsity`; `owl`, OWL's
+    # outlier-weighted allocation from the accumulated Σx² (copal.profiles, the `owl:` section),
+    # the model's average still exactly `sparsity`. Unstructured only.
+    sparsity_profile: Literal["uniform", "owl"] = "uniform"
+    owl: OWLOptions = OWLOptions()
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     device: str = "auto"
@@ -140,6 +147,18 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"structure {self.structure} means sparsity {1 - n / m:g}, but sparsity is {self.sparsity:g}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _profile_fits(self) -> "RunConfig":
+        if self.sparsity_profile == "owl":
+            if self.n_m is not None:
+                raise ValueError(f"sparsity_profile owl: structure {self.structure} keeps its per-layer pattern; "
+                                 f"OWL applies to unstructured sparsity only")
+            try:
+                check_options(self.sparsity, self.owl.lam, self.owl.m)
+            except InputError as error:
+                raise ValueError(str(error)) from None
         return self
 
     @property

@@ -52,7 +52,10 @@ COPAL_VARIANTS = {
     "reconstruct": {"sensitivity": "output", "reconstruct": True, "refit": "obs"},
     "pcg": {"sensitivity": "output", "reconstruct": True, "refit": "pcg", "refit_iterations": 20},
     "admm": {"sensitivity": "hessian", "mask": "admm"},
+    "owl": {"sensitivity": "hessian"},
 }
+# What a variant changes outside the copal section (unstructured only: OWL has no N:M form).
+VARIANT_RUN_SETTINGS = {"owl": {"sparsity_profile": "owl"}}
 VARIANT_NOTES = {
     "": "the configured copal section",
     "hessian": "second-order: SparseGPT's OBS mask from the Hessian accumulated across domains, kept weights "
@@ -67,6 +70,8 @@ VARIANT_NOTES = {
            "the accumulated Hessian",
     "admm": "second-order, the mask chosen by ADMM on the accumulated Hessian (ALPS's splitting), kept weights refit "
             "by conjugate gradient",
+    "owl": "second-order, each layer's sparsity allocated by OWL from Σx² accumulated across domains "
+           "(sparsity_profile: owl, λ 0.08, M 5)",
 }
 QUICK_DOMAINS = 3
 QUICK_NSAMPLES = 16
@@ -247,6 +252,7 @@ def cell_config(base: RunConfig, cell: Cell) -> RunConfig:
                                "structure": cell.structure, "sparsity": cell.sparsity}
     if cell.variant:
         raw["copal"] = raw["copal"] | COPAL_VARIANTS[cell.variant]
+        raw |= VARIANT_RUN_SETTINGS.get(cell.variant, {})
     return build_config(raw, f"benchmark cell {cell.id}")
 
 

@@ -88,7 +88,8 @@ def prune(session: RunSession, step: PendingStep) -> None:
     start = time.perf_counter()
     prune_step(execution.model, step.batches, session.method, session.regime, session.structure, execution.dense,
                step.parent, step.writer, session.device, execution.blocks,
-               progress=lambda done, total: session.progress("prune blocks", done, total))
+               progress=lambda done, total: session.progress("prune blocks", done, total),
+               owl=session.config.owl if session.config.sparsity_profile == "owl" else None)
     step.prune_seconds = time.perf_counter() - start
     execution.holds_step(lambda name: step.writer.weight(name, execution.dense))
 

@@ -30,12 +30,41 @@ class Structure:
     sparsity: float
     n_m: tuple[int, int] | None = None  # None = unstructured
     scope: str = "row"  # unstructured only: "row" or "layer"
+    # unstructured only: exactly this many of the layer's weights pruned (a sparsity
+    # profile's allocation, copal.profiles), spread over the rows by `row_counts` in
+    # row scope; None: round(sparsity · in) per row, round(sparsity · size) per layer
+    pruned: int | None = None
 
     def pruned_per_row(self, in_features: int) -> int:
         return int(round(self.sparsity * in_features))
 
+    def row_pruned(self, rows: int, cols: int) -> torch.Tensor:
+        """How many weights each row prunes, (rows,)."""
+        if self.pruned is None:
+            return torch.full((rows,), self.pruned_per_row(cols), dtype=torch.long)
+        return row_counts(self.pruned, rows, cols)
+
     def describe(self) -> str:
         return f"{self.n_m[0]}:{self.n_m[1]}" if self.n_m else f"{self.sparsity:.0%} unstructured"
+
+
+def row_counts(pruned: int, rows: int, cols: int) -> torch.Tensor:
+    """A layer's `pruned` count over its rows: ⌊pruned/rows⌋ each, one more for the
+    first pruned mod rows rows (so the rows differ by at most one weight)."""
+    if not 0 <= pruned <= rows * cols:
+        raise ValueError(f"cannot prune {pruned} of {rows} × {cols} weights")
+    counts = torch.full((rows,), pruned // rows, dtype=torch.long)
+    counts[: pruned % rows] += 1
+    return counts
+
+
+def drop_lowest_per_row(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """drop_lowest with its own count for each row (`counts`, (rows,)): rows grouped by count."""
+    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+    for count in counts.unique().tolist():
+        chosen = (counts == count).to(score.device)
+        keep[chosen] = drop_lowest(score[chosen], count)
+    return keep
 
 
 def check_fits(structure: Structure, name: str, shape: tuple[int, int]) -> None:
@@ -109,8 +138,10 @@ def select_mask(score: torch.Tensor, structure: Structure, forced_prune: torch.T
         grouped = score.reshape(rows, cols // m, m)
         return drop_lowest(grouped, m - n).reshape(rows, cols)
     if structure.scope == "layer":
-        flat = drop_lowest(score.reshape(1, -1), int(round(structure.sparsity * score.numel())))
-        return flat.reshape(rows, cols)
+        count = structure.pruned if structure.pruned is not None else int(round(structure.sparsity * score.numel()))
+        return drop_lowest(score.reshape(1, -1), count).reshape(rows, cols)
+    if structure.pruned is not None:
+        return drop_lowest_per_row(score, structure.row_pruned(rows, cols))
     return drop_lowest(score, structure.pruned_per_row(cols))
 
 

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from copal.masks import Structure, drop_lowest
+from copal.masks import Structure, drop_lowest, drop_lowest_per_row
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None = None,
@@ -110,7 +110,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
             block_keep = chosen[:, start:end].clone()
         elif n_m is None:
             saliency = (block.square() / diag.square()).masked_fill(forced[:, start:end], float("-inf"))
-            if structure.scope == "layer":
+            if structure.pruned is not None:  # an exact count (a sparsity profile's), spread evenly over the blocks
+                block_keep = _keep_exactly(saliency, structure, rows, cols, start, end)
+            elif structure.scope == "layer":
                 count = int(round(structure.sparsity * rows * end)) - int(round(structure.sparsity * rows * start))
                 block_keep = drop_lowest(saliency.reshape(1, -1), count).reshape(rows, end - start)
             else:
@@ -122,6 +124,19 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, structure: Stru
         keep[:, start:end] = block_keep
         weight[:, end:] -= errors @ hinv[start:end, end:]
     return keep, weight * keep
+
+
+def _keep_exactly(saliency: torch.Tensor, structure: Structure, rows: int, cols: int, start: int,
+                  end: int) -> torch.Tensor:
+    """A column block's mask under `structure.pruned`: each row's (row scope) or the
+    layer's count pruned in proportion to the columns so far, P·end//cols − P·start//cols,
+    which adds up to exactly P over the blocks."""
+    if structure.scope == "layer":
+        total = structure.pruned
+        count = total * end // cols - total * start // cols
+        return drop_lowest(saliency.reshape(1, -1), count).reshape(rows, end - start)
+    totals = structure.row_pruned(rows, cols).to(saliency.device)
+    return drop_lowest_per_row(saliency, totals * end // cols - totals * start // cols)
 
 
 def _spread_errors(block: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor, forced: torch.Tensor,

@@ -13,8 +13,8 @@ Here the shift is found with the sparsities clipped to [target − λ, target + 
 (so the bounds hold whatever the ratios' distribution), and the result is made
 integer: each layer gets a count of weights to prune, all counts adding up to
 exactly round(target · total weights), each layer's within its block's bounds.
-`row_counts` spreads a layer's count over its rows (they differ by at most one)
-and `layer_mask` keeps the highest scores under those counts.
+`copal.masks.row_counts` spreads a layer's count over its rows (they differ by at most
+one) and `layer_mask` keeps the highest scores under those counts.
 
 ‖X_j‖₂² is Σ x_j², which the wanda statistic (InputEnergy) and SparseGPT's
 Hessian diagonal hold and which the accumulate regime sums across domains: OWL
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from copal.errors import InputError
-from copal.masks import Structure, drop_lowest
+from copal.masks import Structure, select_mask
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,14 @@ def check_structure(structure: Structure) -> None:
                          f"pattern; OWL applies to unstructured sparsity only")
 
 
-def check_options(target: float, lam: float, m: float) -> None:
+def check_options(target: float, lam: float, m: float | None = None) -> None:
     if not 0 <= target < 1:
         raise InputError(f"owl: sparsity {target} must be in [0, 1)")
     if not 0 <= lam <= min(target, 1 - target):
-        raise InputError(f"owl: lambda {lam} must be in [0, min(sparsity, 1 - sparsity)] = "
+        raise InputError(f"owl.lam {lam} must be in [0, min(sparsity, 1 - sparsity)] = "
                          f"[0, {min(target, 1 - target):g}]")
-    if m <= 0:
-        raise InputError(f"owl: M {m} must be positive")
+    if m is not None and m <= 0:
+        raise InputError(f"owl.m {m} must be positive")
 
 
 def wanda_score(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
@@ -121,33 +121,40 @@ def integer_counts(wanted: dict[str, float], bounds: dict[str, tuple[int, int]],
     return counts
 
 
+def block_ratio(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], m: float = 5.0,
+                layer_mean: bool = False) -> float:
+    """A block's outlier ratio from {layer: (weight (out, in), Σx² (in,))}: the paper's,
+    over the block's scores together; or (`layer_mean`) the weight-weighted average of
+    its layers' own ratios, each against its own mean, which scaling one layer's Σx²
+    leaves unchanged."""
+    scores = [wanda_score(weight, energy) for weight, energy in layers.values()]
+    if not layer_mean:
+        return outlier_ratio(scores, m)
+    sizes = [score.numel() for score in scores]
+    return sum(outlier_ratio([score], m) * size for score, size in zip(scores, sizes)) / sum(sizes)
+
+
 def owl_profile(blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], target: float,
                 lam: float = 0.08, m: float = 5.0, layer_mean: bool = False) -> OWLProfile:
     """OWL's allocation for `blocks`: {block: {layer: (weight (out, in), Σx² (in,))}},
-    in model order. The layers' counts add up to exactly round(target × all their
-    weights); each layer's sparsity is within [target − λ, target + λ] (within one
-    weight of it where λ × its size is under one weight).
-
-    `layer_mean`: a block's ratio is the weight-weighted average of its layers'
-    own ratios (each against its own mean) instead of the paper's one ratio over
-    the block's scores together. Scaling one layer's Σx² then changes nothing,
-    which matters under `accumulate`: each domain's statistic is normalised per
-    layer, so the layers of a block no longer keep the dense model's relative
-    scales."""
+    in model order (`allocate` of each block's `block_ratio`)."""
     check_options(target, lam, m)
-    ratios, shapes, block_of = {}, {}, {}
-    for block, layers in blocks.items():
-        scores = [wanda_score(weight, energy) for weight, energy in layers.values()]
-        if layer_mean:
-            sizes = [score.numel() for score in scores]
-            ratios[block] = sum(outlier_ratio([s], m) * n for s, n in zip(scores, sizes)) / sum(sizes)
-        else:
-            ratios[block] = outlier_ratio(scores, m)
-        for name, (weight, _) in layers.items():
-            shapes[name] = tuple(weight.shape)
-            block_of[name] = block
-    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
-    block_sizes = {block: sum(sizes[name] for name in layers) for block, layers in blocks.items()}
+    ratios = {block: block_ratio(layers, m, layer_mean) for block, layers in blocks.items()}
+    shapes = {block: {name: tuple(weight.shape) for name, (weight, _) in layers.items()}
+              for block, layers in blocks.items()}
+    return allocate(ratios, shapes, target, lam)
+
+
+def allocate(ratios: dict[str, float], shapes: dict[str, dict[str, tuple[int, int]]], target: float,
+             lam: float) -> OWLProfile:
+    """Each layer's count of weights to prune from its block's outlier ratio (`ratios`)
+    and the layers' shapes ({block: {layer: (out, in)}}). The counts add up to exactly
+    round(target × all the weights); each layer's sparsity is within [target − λ,
+    target + λ] (within one weight of it where λ × its size is under one weight)."""
+    check_options(target, lam)
+    sizes = {name: math.prod(shape) for layers in shapes.values() for name, shape in layers.items()}
+    block_of = {name: block for block, layers in shapes.items() for name in layers}
+    block_sizes = {block: sum(sizes[name] for name in layers) for block, layers in shapes.items()}
     sparsity = block_sparsities(ratios, block_sizes, target, lam)
     total = round(target * sum(sizes.values()))
     strict = {name: (math.ceil(size * (target - lam) - 1e-9), math.floor(size * (target + lam) + 1e-9))
@@ -157,28 +164,11 @@ def owl_profile(blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]],
                 and sum(lo for lo, _ in strict.values()) <= total <= sum(hi for _, hi in strict.values()))
     wanted = {name: size * sparsity[block_of[name]] for name, size in sizes.items()}
     pruned = integer_counts(wanted, strict if feasible else loose, total)
-    return OWLProfile(ratios, sparsity, pruned, shapes)
-
-
-def row_counts(pruned: int, rows: int, cols: int) -> torch.Tensor:
-    """A layer's `pruned` count over its rows: ⌊pruned/rows⌋ each, one more for the
-    first pruned mod rows rows (so the rows differ by at most one weight)."""
-    if not 0 <= pruned <= rows * cols:
-        raise ValueError(f"cannot prune {pruned} of {rows} × {cols} weights")
-    counts = torch.full((rows,), pruned // rows, dtype=torch.long)
-    counts[: pruned % rows] += 1
-    return counts
+    flat_shapes = {name: shape for layers in shapes.values() for name, shape in layers.items()}
+    return OWLProfile(ratios, sparsity, pruned, flat_shapes)
 
 
 def layer_mask(score: torch.Tensor, pruned: int, scope: str = "row") -> torch.Tensor:
     """Keep-mask dropping exactly `pruned` of the lowest scores: per row by
-    `row_counts` (scope row), or over the whole layer (scope layer)."""
-    rows, cols = score.shape
-    if scope == "layer":
-        return drop_lowest(score.float().reshape(1, -1), pruned).reshape(rows, cols)
-    counts = row_counts(pruned, rows, cols)
-    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
-    for count in counts.unique().tolist():
-        chosen = (counts == count).to(score.device)
-        keep[chosen] = drop_lowest(score.float()[chosen], count)
-    return keep
+    `copal.masks.row_counts` (scope row), or over the whole layer (scope layer)."""
+    return select_mask(score, Structure(pruned / score.numel(), scope=scope, pruned=pruned))

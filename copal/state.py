@@ -5,6 +5,8 @@
     RUN_DIR/steps/K/sensitivity/block-NNNN.safetensors   accumulated statistic (accumulate regime),
                                                  in the format its metadata names (see StateCodec)
     RUN_DIR/steps/K/sensitivity/aliases.json     layers that share another's statistic (q/k/v, gate/up)
+    RUN_DIR/steps/K/sensitivity/energy.safetensors   Σx² per token of every layer, accumulated
+                                                 (sparsity_profile: owl under accumulate; copal.profiles)
     RUN_DIR/steps/K/weights/block-NNNN.safetensors       reconstructed weights (sparsegpt, copal
                                                  reconstruct) where no recorded state recomputes them
 
@@ -78,6 +80,7 @@ class StepWriter:
         self.sensitivity = BlockedTensors(self.partial / "sensitivity", self.worker)
         self.weights = BlockedTensors(self.partial / "weights", self.worker)
         self.reweight: dict | None = None  # set by `recompute_weights`
+        self.energy: dict[str, torch.Tensor] | None = None  # OWL's accumulated Σx² per token (copal.profiles)
 
     def recompute_weights(self, method) -> None:
         """The step's weights are recomputed from its state by `method` (Method.reweight)
@@ -131,6 +134,10 @@ class StepWriter:
             save_file(self.packed_masks, str(self.partial / "masks.safetensors"), metadata={"shapes": shapes})
             self.sensitivity.close()
             self.weights.close()
+            if self.energy:
+                self.sensitivity.folder.mkdir(exist_ok=True)
+                save_file({name: value.contiguous() for name, value in self.energy.items()},
+                          str(self.sensitivity.folder / ENERGY_FILE))
             update = {}
             if self.reweight is not None and self.weights.index:
                 shutil.rmtree(self.weights.folder, ignore_errors=True)
@@ -147,6 +154,9 @@ class StepWriter:
         """Remove the partial step (a failed or abandoned attempt), once nothing writes into it."""
         self.worker.close()
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+ENERGY_FILE = "energy.safetensors"
 
 
 def _read_record(path: Path, required: tuple[str, ...]) -> StepRecord:
@@ -262,6 +272,14 @@ class StepState:
             raise InputError(f"{self.folder / 'sensitivity' / self._index('sensitivity')[name]}: the recorded "
                              f"state of {name} holds NaN or Inf")
         return found[0]
+
+    def energy(self, name: str) -> torch.Tensor | None:
+        """OWL's accumulated Σx² per token of `name` (None: the step recorded none)."""
+        path = self.folder / "sensitivity" / ENERGY_FILE
+        if not path.exists():
+            return None
+        with self._open(path) as handle:
+            return handle.get_tensor(name) if name in handle.keys() else None
 
     def state_format(self, name: str) -> str | None:
         """The format `name`'s accumulated statistic is stored in (None: none recorded)."""

@@ -21,6 +21,7 @@ from copal.calibrate import prune_layerwise
 from copal.masks import Structure, check_fits
 from copal.methods import Method
 from copal.model import DenseWeights, all_prunable, set_weight_matrix
+from copal.profiles import LayerCounts, OWLOptions, Uniform, owl_counts
 from copal.regimes import Regime
 from copal.state import StepState, StepWriter
 
@@ -71,6 +72,7 @@ class StepPolicy:
         self.method = method
         self.regime = regime
         self.structure = structure
+        self.layers: Uniform | LayerCounts = Uniform(structure)  # each layer's structure (copal.profiles)
         self.device = device
         self.dense = DenseOnDevice(dense, device)
         self.parent = StepOnDevice(parent, device) if parent is not None else None
@@ -100,7 +102,8 @@ class StepPolicy:
         rows = [base.shape[0] for base in bases]
         both = None if all(f is None for f in forced) else torch.cat(
             [f if f is not None else torch.zeros_like(b, dtype=torch.bool) for f, b in zip(forced, bases)])
-        mask, weight = self.method.prune(torch.cat(bases), stats[0], self.structure, both, layer=names[0])
+        structure = self.layers.structure(names, [tuple(base.shape) for base in bases])
+        mask, weight = self.method.prune(torch.cat(bases), stats[0], structure, both, layer=names[0])
         masks = mask.split(rows)
         # clones: a step's files must not hold views of one storage
         weights = [part.clone() for part in weight.split(rows)] if weight is not None else [None] * len(names)
@@ -125,7 +128,8 @@ class StepPolicy:
 
     def _apply(self, name: str, base: torch.Tensor, stat: torch.Tensor | None,
                forced: torch.Tensor | None) -> torch.Tensor:
-        mask, new_weight = self.method.prune(base, stat, self.structure, forced, layer=name)
+        structure = self.layers.structure([name], [tuple(base.shape)])
+        mask, new_weight = self.method.prune(base, stat, structure, forced, layer=name)
         return self._record(name, base, mask, new_weight)
 
     def _record(self, name: str, base: torch.Tensor, mask: torch.Tensor,
@@ -146,14 +150,22 @@ class StepPolicy:
 
 def prune_step(model: nn.Module, batches: list[torch.Tensor], method: Method, regime: Regime,
                structure: Structure, dense: DenseWeights, parent: StepState | None, writer: StepWriter,
-               device: torch.device, blocks: BlockSource, progress: Callable[[int, int], None] | None = None) -> None:
+               device: torch.device, blocks: BlockSource, progress: Callable[[int, int], None] | None = None,
+               owl: OWLOptions | None = None) -> None:
     """Prune `model` in place for one step: calibration `batches` (the regime chose
     their domains), `parent` the step it continues from (None: the first), the
     model's `blocks` resident or streamed (copal.blocks); a method with a
-    whole-model statistic needs them resident."""
+    whole-model statistic needs them resident. `owl`: allocate the sparsity per
+    layer by OWL (copal.profiles) instead of uniformly."""
     if method.whole_model and blocks.streamed:
         raise ValueError(f"{type(method).__name__}: a whole-model statistic needs the resident model, not a stream")
     policy = StepPolicy(method, regime, structure, dense, parent, writer, device)
+    if owl is not None:
+        previous = parent.energy if parent is not None and regime.records_state else (lambda name: None)
+        policy.layers, energy = owl_counts(owl, structure, model, batches, policy.base_weight, previous, device,
+                                           blocks)
+        if regime.records_state:
+            writer.energy = energy
     if method.whole_model:  # its statistic sees the whole model with the step's base weights
         modules = all_prunable(model)
         for name, module in modules.items():

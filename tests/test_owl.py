@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from copal.errors import InputError
-from copal.masks import Structure
-from copal.owl import check_structure, layer_mask, outlier_ratio, owl_profile, row_counts, wanda_score
+from copal.masks import Structure, row_counts
+from copal.owl import check_structure, layer_mask, outlier_ratio, owl_profile, wanda_score
 
 # Odd sizes: no layer's share of the target is a whole number of weights.
 SHAPES = {"q": (37, 53), "o": (53, 37), "up": (91, 53), "down": (53, 91)}
@@ -97,9 +97,9 @@ def test_n_m_and_bad_options_are_input_errors():
     with pytest.raises(InputError, match="2:4 keeps its per-layer pattern"):
         check_structure(Structure(0.5, (2, 4)))
     check_structure(Structure(0.5))
-    with pytest.raises(InputError, match="lambda 0.3"):
+    with pytest.raises(InputError, match="lam 0.3"):
         owl_profile(_blocks([0.0, 0.01]), 0.8, lam=0.3)
-    with pytest.raises(InputError, match="M -1"):
+    with pytest.raises(InputError, match="m -1"):
         owl_profile(_blocks([0.0, 0.01]), 0.5, m=-1)
 
 
