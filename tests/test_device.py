@@ -36,10 +36,15 @@ def _config(llama_dir, corpus_dir, method, regime, structure):
         overrides.update(method="copal", copal={"sensitivity": "loss"})
     elif method == "copal-layer":
         overrides.update(method="copal", mask_scope="layer")
-    if overrides["method"] == "copal" and "copal" not in overrides:
-        # the default refits after SparseGPT's pass: on a CUDA device that pass solves column
-        # groups at once (solve: auto), whose rounding the refit carries into later blocks'
-        # masks; the sparsegpt cases run that batched path, these the loop the CPU runs
+    # SparseGPT's pass solves column groups at once on a CUDA device (solve: auto), the loop
+    # on a CPU: the same arithmetic in another order, whose rounding can flip a mask bit
+    # (the CPU's BLAS kernels decide, so an AMD and an Intel machine differ). Both runs
+    # name one solve so that they compute alike: the sparsegpt cases the batched one, on
+    # the CPU too, the copal cases (whose refit carries any rounding into later blocks'
+    # masks) the loop.
+    if overrides["method"] == "sparsegpt":
+        overrides["sparsegpt"] = {"solve": "batched"}
+    elif overrides["method"] == "copal" and "copal" not in overrides:
         overrides["sparsegpt"] = {"solve": "loop"}
     return build_config(small_config(llama_dir, corpus_dir, **overrides), "test")
 
