@@ -111,16 +111,18 @@ def measure_passes(model_dir: str, args, scratch: Path) -> dict:
         run = ContinualRun(step_config(model_dir, args, method=method, regime=regime),
                            scratch / f"{method}-{regime}")
 
-        def one_pass():
+        def one_pass():  # the step's background writes included: a committed step waits for them too
             pending = lifecycle.start_step(run.session, 0)
             lifecycle.calibrate(run.session, pending)
             lifecycle.prune(run.session, pending)
+            pending.writer.discard()  # before the next pass's writer clears the same partial directory
 
         if "forward" not in results:
             pending = lifecycle.start_step(run.session, 0)
             lifecycle.calibrate(run.session, pending)
             plain_forward(resident, pending.batches[:1])  # warm-up
             results["forward"] = best_of(args.repeats, plain_forward, resident, pending.batches)
+            pending.writer.discard()
             one_pass()  # warm-up
         results[f"{method}/{regime}"] = best_of(args.repeats, one_pass)
         print(f"  pass {method}/{regime}: {results[f'{method}/{regime}']}", flush=True)
