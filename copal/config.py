@@ -8,7 +8,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from copal.errors import InputError
-from copal.masks import STRUCTURES, parse_structure
+from copal.masks import STRUCTURES, Structure, parse_structure
 from copal.methods import METHODS
 from copal.methods.copal import CopalOptions
 from copal.methods.refitted import RefitOptions
@@ -16,7 +16,7 @@ from copal.methods.sparsegpt import SparseGPTOptions
 from copal.model import DTYPES
 from copal.names import NAME_RULE, is_safe_name
 from copal.options import Strict
-from copal.owl import check_options
+from copal.owl import check_options, check_structure
 from copal.paths import shipped
 from copal.profiles import OWLOptions
 from copal.regimes import REGIMES
@@ -152,10 +152,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _profile_fits(self) -> "RunConfig":
         if self.sparsity_profile == "owl":
-            if self.n_m is not None:
-                raise ValueError(f"sparsity_profile owl: structure {self.structure} keeps its per-layer pattern; "
-                                 f"OWL applies to unstructured sparsity only")
             try:
+                check_structure(Structure(self.sparsity, self.n_m))
                 check_options(self.sparsity, self.owl.lam, self.owl.m)
             except InputError as error:
                 raise ValueError(str(error)) from None

@@ -38,12 +38,6 @@ class Structure:
     def pruned_per_row(self, in_features: int) -> int:
         return int(round(self.sparsity * in_features))
 
-    def row_pruned(self, rows: int, cols: int) -> torch.Tensor:
-        """How many weights each row prunes, (rows,)."""
-        if self.pruned is None:
-            return torch.full((rows,), self.pruned_per_row(cols), dtype=torch.long)
-        return row_counts(self.pruned, rows, cols)
-
     def describe(self) -> str:
         return f"{self.n_m[0]}:{self.n_m[1]}" if self.n_m else f"{self.sparsity:.0%} unstructured"
 
@@ -141,7 +135,7 @@ def select_mask(score: torch.Tensor, structure: Structure, forced_prune: torch.T
         count = structure.pruned if structure.pruned is not None else int(round(structure.sparsity * score.numel()))
         return drop_lowest(score.reshape(1, -1), count).reshape(rows, cols)
     if structure.pruned is not None:
-        return drop_lowest_per_row(score, structure.row_pruned(rows, cols))
+        return drop_lowest_per_row(score, row_counts(structure.pruned, rows, cols))
     return drop_lowest(score, structure.pruned_per_row(cols))
 
 

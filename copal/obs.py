@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from copal.masks import Structure, drop_lowest, drop_lowest_per_row
+from copal.masks import Structure, drop_lowest, drop_lowest_per_row, row_counts
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, layer: str | None = None,
@@ -135,7 +135,7 @@ def _keep_exactly(saliency: torch.Tensor, structure: Structure, rows: int, cols:
         total = structure.pruned
         count = total * end // cols - total * start // cols
         return drop_lowest(saliency.reshape(1, -1), count).reshape(rows, end - start)
-    totals = structure.row_pruned(rows, cols).to(saliency.device)
+    totals = row_counts(structure.pruned, rows, cols).to(saliency.device)
     return drop_lowest_per_row(saliency, totals * end // cols - totals * start // cols)
 
 

@@ -59,13 +59,13 @@ def check_structure(structure: Structure) -> None:
                          f"pattern; OWL applies to unstructured sparsity only")
 
 
-def check_options(target: float, lam: float, m: float | None = None) -> None:
+def check_options(target: float, lam: float, m: float) -> None:
     if not 0 <= target < 1:
         raise InputError(f"owl: sparsity {target} must be in [0, 1)")
     if not 0 <= lam <= min(target, 1 - target):
         raise InputError(f"owl.lam {lam} must be in [0, min(sparsity, 1 - sparsity)] = "
                          f"[0, {min(target, 1 - target):g}]")
-    if m is not None and m <= 0:
+    if m <= 0:
         raise InputError(f"owl.m {m} must be positive")
 
 
@@ -150,8 +150,8 @@ def allocate(ratios: dict[str, float], shapes: dict[str, dict[str, tuple[int, in
     """Each layer's count of weights to prune from its block's outlier ratio (`ratios`)
     and the layers' shapes ({block: {layer: (out, in)}}). The counts add up to exactly
     round(target × all the weights); each layer's sparsity is within [target − λ,
-    target + λ] (within one weight of it where λ × its size is under one weight)."""
-    check_options(target, lam)
+    target + λ] (within one weight of it where λ × its size is under one weight).
+    The callers check λ against the target (`check_options`)."""
     sizes = {name: math.prod(shape) for layers in shapes.values() for name, shape in layers.items()}
     block_of = {name: block for block, layers in shapes.items() for name in layers}
     block_sizes = {block: sum(sizes[name] for name in layers) for block, layers in shapes.items()}

@@ -7,7 +7,7 @@ layer-wise pass prunes anything (OWL needs every block's ratio first).
 
 ‖x‖² comes from Σx², the input energy of every prunable layer, measured by a
 forward pass over the step's calibration batches through the step's base weights
-(`measure_energy`: the layer-wise pass with nothing pruned) and divided by the
+(`owl_counts`: the layer-wise pass with nothing pruned) and divided by the
 tokens it summed over, so that each domain weighs the same while the layers of
 a block keep the scales OWL's block ratio compares. Under a regime that records
 state (accumulate) it is added to the parent step's and recorded with the step
