@@ -40,26 +40,27 @@ log = logging.getLogger("copal")
 MAGNITUDE_NOTE = ("magnitude uses no data, so every regime gives the same masks (sequential too: ranking "
                   "|W0 ⊙ mask| keeps the mask); it runs once per structure, as regime reprune")
 # Cells whose PPL matrices are drawn: COPAL and the two failure modes it addresses (at 70 % they show).
-# COPAL variants of docs/METHOD.md, each one change from the default, compared in the
-# accumulate regime at these sparsities.
-# Each says its sensitivity, so that it means the same whatever the base config's is.
+# COPAL variants of docs/METHOD.md, compared in the accumulate regime. Each says its sensitivity
+# and mask, so that it means the same whatever the base config's are (`mask` chooses only for
+# sensitivity: hessian; the others record the unused obs).
+_FIRST_ORDER = {"sensitivity": "output", "mask": "obs"}
 COPAL_VARIANTS = {
-    "hessian": {"sensitivity": "hessian"},
-    "output": {"sensitivity": "output"},
-    "loss": {"sensitivity": "loss"},
-    "raw": {"sensitivity": "output", "normalize": False},
-    "max": {"sensitivity": "output", "reduce": "max"},
-    "reconstruct": {"sensitivity": "output", "reconstruct": True, "refit": "obs"},
-    "pcg": {"sensitivity": "output", "reconstruct": True, "refit": "pcg", "refit_iterations": 20},
+    "hessian": {"sensitivity": "hessian", "mask": "obs"},
+    "output": _FIRST_ORDER,
+    "loss": {"sensitivity": "loss", "mask": "obs"},
+    "raw": _FIRST_ORDER | {"normalize": False},
+    "max": _FIRST_ORDER | {"reduce": "max"},
+    "reconstruct": _FIRST_ORDER | {"reconstruct": True, "refit": "obs"},
+    "pcg": _FIRST_ORDER | {"reconstruct": True, "refit": "pcg", "refit_iterations": 20},
     "admm": {"sensitivity": "hessian", "mask": "admm"},
-    "owl": {"sensitivity": "hessian"},
+    "owl": {"sensitivity": "hessian", "mask": "obs"},
 }
 # What a variant changes outside the copal section (unstructured only: OWL has no N:M form).
 VARIANT_RUN_SETTINGS = {"owl": {"sparsity_profile": "owl"}}
 VARIANT_NOTES = {
     "": "the configured copal section",
     "hessian": "second-order: SparseGPT's OBS mask from the Hessian accumulated across domains, kept weights "
-               "refit by conjugate gradient (the default since issue 20)",
+               "refit by conjugate gradient (the default from issue 20's first grid until ADMM's short schedule)",
     "output": "the paper's output sensitivity E|y|·|x|, normalised per domain, summed over domains",
     "loss": "loss-gradient sensitivity Σ|∂L/∂W| instead of the output sensitivity",
     "raw": "output sensitivity with no per-domain normalisation before summing",
@@ -69,7 +70,7 @@ VARIANT_NOTES = {
     "pcg": "output sensitivity's mask, kept weights refit by conjugate gradient (ALPS's refit, 20 iterations) from "
            "the accumulated Hessian",
     "admm": "second-order, the mask chosen by ADMM on the accumulated Hessian (ALPS's splitting), kept weights refit "
-            "by conjugate gradient",
+            "by conjugate gradient (the default)",
     "owl": "second-order, each layer's sparsity allocated by OWL from Σx² accumulated across domains "
            "(sparsity_profile: owl, λ 0.08, M 5)",
 }

@@ -213,6 +213,10 @@ def test_cell_configs_validate_and_quick_only_shrinks(llama_dir, corpus_dir):
         assert config.copal.model_dump() == expected
     owl = bench.cell_config(base, bench.Cell("copal", "accumulate", "unstructured", 0.7, "owl"))
     assert owl.sparsity_profile == "owl" and owl.copal.sensitivity == "hessian" and base.sparsity_profile == "uniform"
+    # `hessian` and `owl` are SparseGPT's mask, `admm` the default's (the base's here)
+    masks = {v: bench.cell_config(base, bench.Cell("copal", "accumulate", "unstructured", 0.7, v)).copal.mask
+             for v in ("hessian", "owl", "admm", "output")}
+    assert masks == {"hessian": "obs", "owl": "obs", "admm": "admm", "output": "obs"} and base.copal.mask == "admm"
     quick = bench.quick_config(base)
     assert quick.domains == base.domains[:3]
     assert quick.calibration.nsamples == 16 and quick.evaluation.max_tokens == 4096
@@ -311,9 +315,9 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
     base, grid = bench.load_bench_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
     cells = bench.full_grid(grid)
     ids = [cell.id for cell in cells]
-    # the 48 cells of issue 9, then issue 20's: sparsegpt/accumulate at 60/70 %, the default (hessian) at 4 settings,
-    # ADMM's mask at 70 % and 2:4, OWL's profile at 50 and 70 %
-    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3 * 4 + 2 + 4 + 2 + 2
+    # the 48 cells of issue 9, then issue 20's: sparsegpt/accumulate at 60/70 %, SparseGPT's mask (hessian) and
+    # ADMM's (the default) at 4 settings each, OWL's profile at 50 and 70 %
+    assert len(ids) == len(set(ids)) == 2 * (1 + 3 * 4) + 2 * (1 + 2 * 2) + 3 * 4 + 2 + 4 + 4 + 2
     assert {c.structure for c in cells} == {"unstructured", "2:4"}
     assert {(c.method, c.regime, c.sparsity) for c in cells if c.sparsity > 0.5 and not c.variant} == {
         ("magnitude", "reprune", s) for s in (0.6, 0.7)} | {
@@ -323,8 +327,8 @@ def test_grid_section_shapes_the_smollm2_grid(tmp_path):
                         and not c.variant]  # the main table runs first
     assert {c.id for c in cells if c.variant} == {f"copal-accumulate-{shape}-{v}" for shape in ("u50", "u70", "2of4")
                                                    for v in ("loss", "raw", "max", "reconstruct")} | {
-        f"copal-accumulate-{shape}-hessian" for shape in ("u50", "u60", "u70", "2of4")} | {
-        "copal-accumulate-u70-admm", "copal-accumulate-2of4-admm", "copal-accumulate-u50-owl", "copal-accumulate-u70-owl"}
+        f"copal-accumulate-{shape}-{v}" for shape in ("u50", "u60", "u70", "2of4") for v in ("hessian", "admm")} | {
+        "copal-accumulate-u50-owl", "copal-accumulate-u70-owl"}
     bench.check_task_cells(grid.tasks, cells)
     assert base.model == "data/models/smollm2-135m" and not base.evaluation.tasks
     from copal.config import load_config

@@ -103,9 +103,9 @@ def _groups(names):
     {"method": "sparsegpt", "state": {"hessian": "sym16"}},
     {"method": "sparsegpt", "sparsegpt": {"refit": "pcg"}, "state": {"hessian": "sym16"}, "structure": "2:4"},
     {"method": "copal", "copal": {"sensitivity": "output", "reconstruct": True, "refit": "pcg"}},
-    {"method": "copal"},  # the default: sensitivity hessian, refit pcg, state.hessian sym16z
+    {"method": "copal"},  # the default: sensitivity hessian, mask admm, refit pcg, state.hessian sym16z
     {"method": "wanda", "wanda": {"refit": "pcg"}},
-    {"method": "copal", "copal": {"mask": "admm"}, "structure": "2:4"},
+    {"method": "copal", "copal": {"mask": "obs"}, "structure": "2:4"},
     {"method": "magnitude", "magnitude": {"refit": "obs"}, "structure": "2:4"},
 ])
 def test_accumulate_stores_no_weights_and_recomputes_the_evaluated_ones(tmp_path, llama_dir, corpus_dir, data_dir,
@@ -161,13 +161,13 @@ def test_a_corrupt_reweight_record_is_an_input_error(tmp_path, llama_dir, corpus
         StepState(tmp_path / "run/steps/1").weight(name, run.session.execution.dense)
 
 
-def test_the_default_is_sparsegpts_pass_and_refit_on_the_accumulated_hessian(tmp_path, llama_dir, corpus_dir,
-                                                                            data_dir):
-    """`method: copal` with its defaults chooses and rebuilds exactly as SparseGPT with a
+def test_sparsegpts_mask_is_sparsegpts_pass_and_refit_on_the_accumulated_hessian(tmp_path, llama_dir, corpus_dir,
+                                                                                 data_dir):
+    """`method: copal` with `mask: obs` chooses and rebuilds exactly as SparseGPT with a
     8-iteration pcg refit in the accumulate regime: same masks, same weights, bit for bit."""
     domains = small_config(llama_dir, corpus_dir)["domains"][:2]
     runs = {}
-    for label, settings in (("copal", {}), ("sparsegpt", {"method": "sparsegpt", "sparsegpt": {
+    for label, settings in (("copal", {"copal": {"mask": "obs"}}), ("sparsegpt", {"method": "sparsegpt", "sparsegpt": {
             "refit": "pcg", "refit_iterations": 8}})):
         config = build_config(small_config(llama_dir, corpus_dir, domains=domains, **settings))
         runs[label] = ContinualRun(config, tmp_path / label)

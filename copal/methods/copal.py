@@ -4,13 +4,13 @@ to the dense weights.
 Three sensitivities (docs/METHOD.md):
 
 * `hessian` (the default): the second-order one. Each layer's input Hessian
-  H = Σ x xᵀ is accumulated across domains (each normalised); SparseGPT's optimal
-  brain surgeon chooses the mask from it (saliency w²/[H⁻¹]²_jj, column block by
-  column block) and updates the kept weights, and conjugate gradient then refits
-  them towards the least-squares optimum on that mask (ALPS's refit, `refit: pcg`,
-  `refit_iterations`). Measured the best continual pruner on SmolLM2 (docs/RESULTS.md).
-  `mask: admm` chooses the mask by ADMM on the same objective instead (copal.admm),
-  then refits the kept weights on it.
+  H = Σ x xᵀ is accumulated across domains (each normalised). ADMM on the layer-wise
+  objective ‖X(W − W0)ᵀ‖² chooses the mask from it (`mask: admm`, copal.admm, ALPS's
+  splitting), and conjugate gradient then refits the kept weights towards the
+  least-squares optimum on that mask (ALPS's refit, `refit: pcg`, `refit_iterations`).
+  Measured the best continual pruner on SmolLM2 (docs/RESULTS.md). `mask: obs` lets
+  SparseGPT's optimal brain surgeon choose instead (saliency w²/[H⁻¹]²_jj, column block
+  by column block, updating the kept weights), before the same refit.
 * `output`: the paper's first-order one, |W| · |∂(½‖y‖²)/∂W| summed per token, from
   each layer's own input and output. `reconstruct` keeps its mask and refits the kept
   weights from the Hessian accumulated the same way (`refit`: obs or pcg).
@@ -53,10 +53,18 @@ class CopalOptions(Strict):
     # (ALPS's refit; copal.refit). Unset: pcg for sensitivity: hessian, obs for reconstruct.
     refit: Literal["obs", "pcg"] | None = None
     refit_iterations: int = Field(8, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
-    # sensitivity: hessian's mask: `obs`, SparseGPT's (chosen column block by column block
-    # inside its update); `admm`, mask and weights together by ADMM on the layer-wise
-    # objective (copal.admm, ALPS's splitting), the kept weights then refit on that mask.
-    mask: Literal["obs", "admm"] = "obs"
+    # sensitivity: hessian's mask: `admm` (its default), mask and weights together by ADMM
+    # on the layer-wise objective (copal.admm, ALPS's splitting), the kept weights then
+    # refit on that mask; `obs`, SparseGPT's (chosen column block by column block inside
+    # its update). Unset: admm for sensitivity: hessian, obs (unused) for the others.
+    mask: Literal["obs", "admm"] = "admm"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mask(cls, data):
+        if isinstance(data, dict) and data.get("mask") is None:
+            data = {**data, "mask": "admm" if data.get("sensitivity", "hessian") == "hessian" else "obs"}
+        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> "CopalOptions":
@@ -155,17 +163,19 @@ class Copal(Method):
 
     def __init__(self, sensitivity: str = "hessian", normalize: bool = True, reduce: str = "sum",
                  reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 8,
-                 mask: str = "obs", blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
+                 mask: str | None = None, blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
         options = CopalOptions(sensitivity=sensitivity, normalize=normalize, reduce=reduce, reconstruct=reconstruct,
                                refit=refit, refit_iterations=refit_iterations, mask=mask)
-        self.mask = mask
+        self.mask = mask = options.mask
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
         self.reconstruct = reconstruct
         self.refit = options.rebuilt_by or "obs"
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
-        self.pcg = PCGOptions(iterations=refit_iterations)
+        # ADMM's mask comes without an OBS update to start from, and an OBS pass would cost
+        # about what the short ADMM does: its refit starts from W0 ⊙ M (copal.admm).
+        self.pcg = PCGOptions(iterations=refit_iterations, warm_start="masked" if mask == "admm" else "obs")
         self.solve = solve
         self.factors = InverseFactors()
         # sensitivity: hessian is SparseGPT's pass, and its refit, on the accumulated Hessian
