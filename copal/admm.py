@@ -13,9 +13,10 @@ every layer.
 
 The schedule is short: ρ doubles every `rho_every` iterations, and the W step is one
 product with (H + ρI)⁻¹, inverted once per ρ (Cholesky). Eight iterations over four
-values of ρ reach most of what sixty slowly growing ones do, in a seventh of the time
-(docs/RESULTS.md, "A faster ADMM"). The caller refits the kept weights on D's
-support (copal.refit, pcg from W0 ⊙ M), as ALPS post-processes its support.
+values of ρ come within 5-7 % of the error sixty slowly growing ones reach, in a sixth
+of the time (docs/RESULTS.md, "ADMM's short schedule: the default"). The caller
+refits the kept weights on D's support (copal.refit, pcg from W0 ⊙ M), as ALPS
+post-processes its support.
 """
 
 from dataclasses import dataclass
