@@ -163,6 +163,20 @@ def test_refit_pcg_needs_reconstruct():
         CopalOptions(sensitivity="output", mask="admm")
 
 
+def test_an_unset_mask_is_admm_for_the_hessian_and_obs_for_the_others():
+    """ADMM is the default's mask; an unset mask must not make `sensitivity: output`
+    or `loss` invalid, and a config's dump keeps the mask it resolved to."""
+    from copal.methods import Copal
+    from copal.methods.copal import CopalOptions
+
+    assert CopalOptions().mask == "admm" and CopalOptions(mask=None).mask == "admm"
+    assert CopalOptions(sensitivity="output").mask == CopalOptions(sensitivity="loss").mask == "obs"
+    assert CopalOptions(mask="obs").mask == "obs"
+    assert CopalOptions(**CopalOptions().model_dump()) == CopalOptions()
+    assert Copal().mask == "admm" and Copal().second_order is None
+    assert Copal(mask="obs").second_order is not None and Copal(sensitivity="output").mask == "obs"
+
+
 @pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4))])
 def test_sparsegpt_refit_keeps_its_mask_lowers_the_error_and_recomputes_bit_for_bit(structure):
     """`sparsegpt: {refit: pcg}`: SparseGPT's own mask, its update refit towards the
