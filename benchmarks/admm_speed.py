@@ -49,12 +49,11 @@ def _admm_60(weight, hessian, structure):
 CHOOSERS = {"obs": Copal(mask="obs").prune, "admm": Copal(mask="admm").prune, "admm-60": _admm_60}
 
 
-def input_groups(step: Path, block: int) -> dict[str, list[str]]:
+def input_groups(state: StepState, block: int) -> dict[str, list[str]]:
     """The block's layers by the Hessian they share (the step's aliases)."""
-    aliases = json.loads((step / "sensitivity" / "aliases.json").read_text())
-    names = [name for name in StepState(step).mask_names() if f".{block}." in name]
+    aliases = state.aliases("sensitivity")
     groups: dict[str, list[str]] = {}
-    for name in sorted(names):
+    for name in sorted(name for name in state.mask_names() if f".{block}." in name):
         groups.setdefault(aliases.get(name, name), []).append(name)
     return groups
 
@@ -63,7 +62,7 @@ def measure(step: Path, model, blocks: list[int]) -> dict:
     state = StepState(step)
     results = {label: {name: {"error": 0.0, "seconds": 0.0} for name in CHOOSERS} for label in STRUCTURES}
     for block in blocks:
-        for owner, group in input_groups(step, block).items():
+        for owner, group in input_groups(state, block).items():
             hessian = state.sensitivity(owner).float()
             weight = torch.cat([model.get_submodule(name).weight.detach().float() for name in group])
             dense = (weight @ hessian * weight).sum(1).double()

@@ -236,7 +236,7 @@ class StepState:
             self._indexes[kind] = read_json(index_path, f"{kind} index") if index_path.exists() else {}
         return self._indexes[kind]
 
-    def _aliases(self, kind: str) -> dict[str, str]:
+    def aliases(self, kind: str) -> dict[str, str]:
         """Layer → the layer whose stored tensor it shares (older steps: none)."""
         key = f"{kind}/aliases"
         if key not in self._indexes:
@@ -249,7 +249,7 @@ class StepState:
         if name not in index:
             return None
         path = self.folder / kind / index[name]
-        key = self._aliases(kind).get(name, name)
+        key = self.aliases(kind).get(name, name)
         with self._open(path) as handle:
             try:
                 label = (handle.metadata() or {}).get(FORMAT_KEY)

@@ -63,7 +63,8 @@ class CopalOptions(Strict):
     @classmethod
     def _default_mask(cls, data):
         if isinstance(data, dict) and data.get("mask") is None:
-            data = {**data, "mask": "admm" if data.get("sensitivity", "hessian") == "hessian" else "obs"}
+            sensitivity = data.get("sensitivity", cls.model_fields["sensitivity"].default)
+            data = {**data, "mask": "admm" if sensitivity == "hessian" else "obs"}
         return data
 
     @model_validator(mode="after")
@@ -173,8 +174,8 @@ class Copal(Method):
         self.reconstruct = reconstruct
         self.refit = options.rebuilt_by or "obs"
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
-        # ADMM's mask comes without an OBS update to start from, and an OBS pass would cost
-        # about what the short ADMM does: its refit starts from W0 ⊙ M (copal.admm).
+        # ADMM's mask comes without an OBS update to start from, and an OBS pass would add
+        # about half the short ADMM's time again: its refit starts from W0 ⊙ M (copal.admm).
         self.pcg = PCGOptions(iterations=refit_iterations, warm_start="masked" if mask == "admm" else "obs")
         self.solve = solve
         self.factors = InverseFactors()
