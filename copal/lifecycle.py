@@ -102,7 +102,7 @@ def step_record(session: RunSession, step: PendingStep, evaluation: dict[str, Pe
         step=step.step_id, parent=step.parent.id if step.parent else 0,
         index=(step.parent.record.index if step.parent else 0) + 1,
         domain=domain.name, source=domain.source.spec, fingerprint=domain.fingerprint,
-        method=config.method, regime=config.regime, structure=config.structure,
+        method=config.method, regime=config.regime, structure=config.structure, mask_scope=config.mask_scope,
         sparsity_target=config.sparsity, seed=config.calibration.seed,
         code_revision=_code_revision(),
         tokenization=session.domains.start.record(),

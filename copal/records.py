@@ -45,6 +45,7 @@ class StepRecord(_Record):
     method: str | None = None
     regime: str | None = None
     structure: str | None = None
+    mask_scope: str | None = None  # row | layer; recorded since ADMM's refit re-runs its choice (None: row)
     sparsity_target: float | None = None
     seed: int | None = None
     code_revision: str | None = None

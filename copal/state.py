@@ -300,16 +300,26 @@ class StepState:
         base = dense.get(name)
         keep = self.mask(name).to(base.device)
         if self.record.reweight is not None:
-            recomputed = self._reweigher().reweight(base, self._state_on(name, base.device), keep, name)
+            recomputed = self._reweigher().reweight(base, self._state_on(name, base.device), keep, name,
+                                                    self.structure())
             if recomputed is not None:
                 return recomputed.to(base.dtype)
         return base * keep.to(base.dtype)
+
+    def structure(self) -> maskio.Structure | None:
+        """The structure the step pruned under (None: its record does not say). A sparsity
+        profile's per-layer counts are not in it: a layer's mask holds them."""
+        record = self.record
+        if record.structure is None or record.sparsity_target is None:
+            return None
+        return maskio.Structure(record.sparsity_target, maskio.parse_structure(record.structure),
+                                record.mask_scope or "row")
 
     def _reweigher(self):
         if self._method is None:
             spec = self.record.reweight
             try:
-                self._method = METHODS[spec["method"]](**spec["options"])
+                self._method = METHODS[spec["method"]].from_options(spec["options"])
             except (KeyError, TypeError):
                 raise InputError(f"{self.folder / 'step.json'}: corrupt step record (reweight: {spec!r})") from None
         return self._method

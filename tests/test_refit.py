@@ -261,3 +261,47 @@ def test_admm_keeps_the_structure_and_fits_better_than_sparsegpt_refit_exactly(s
     best_for_sparsegpt = reconstruction_error(refit(weight, hessian, sparsegpt_keep, "exact"), hessian, weight).sum()
     best_for_admm = reconstruction_error(refit(weight, hessian, keep, "exact"), hessian, weight).sum()
     assert best_for_admm < 0.99 * best_for_sparsegpt
+
+
+@pytest.mark.parametrize("structure", [Structure(0.5), Structure(0.5, (2, 4)), Structure(0.7, scope="layer")])
+def test_the_default_refits_from_admm_s_weights_and_recomputes_them_bit_for_bit(structure):
+    """copal's default refits ADMM's mask from ADMM's own sparse weights: in the same
+    iterations closer to the least-squares optimum than from W0 ⊙ M. `reweight` runs
+    ADMM again under the step's structure and gives the same bits; a layer pruned with
+    others, rows stacked (q/k/v) under a profile's uneven count, gets its rows back alone."""
+    from copal.methods import Copal
+
+    weight, hessian = _layer(rows=48, cols=64, tokens=1000)
+    method = Copal()
+    assert method.mask == "admm" and method.refit_start == "admm" and method.pcg.iterations == 4
+    keep, fitted = method.prune(weight, hessian, structure)
+    assert (fitted[~keep] == 0).all()
+    assert torch.equal(method.reweight(weight, hessian, keep, structure=structure), fitted)
+    exact = reconstruction_error(refit(weight, hessian, keep, "exact"), hessian, weight).sum()
+    assert reconstruction_error(fitted, hessian, weight).sum() < 1.001 * exact
+    _, one_step = Copal(refit_iterations=1).prune(weight, hessian, structure)
+    masked = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=1, warm_start="masked"))
+    assert reconstruction_error(one_step, hessian, weight).sum() - exact < 0.5 * (
+        reconstruction_error(masked, hessian, weight).sum() - exact)
+    if structure.scope == "row" and structure.n_m is None:
+        uneven = Structure(0.5, pruned=48 * 32 + 7)  # the first 7 rows prune one more
+        keep, fitted = method.prune(weight, hessian, uneven)
+        step = Structure(0.5)  # what a step records: the profile's counts are in the mask
+        for rows in (slice(0, 8), slice(8, 48)):
+            assert torch.equal(method.reweight(weight[rows], hessian, keep[rows], structure=step), fitted[rows])
+    with pytest.raises(ValueError, match="structure"):
+        method.reweight(weight, hessian, keep)
+
+
+def test_a_step_recorded_before_refit_start_recomputes_from_the_masked_weights():
+    """Step records from before `refit_start` name mask: admm without it: their weights
+    were refit from W0 ⊙ M, and are recomputed so."""
+    from copal.methods import Copal
+
+    weight, hessian = _layer()
+    old = {key: value for key, value in Copal(refit_iterations=8).options().items() if key != "refit_start"}
+    method = Copal.from_options(old)
+    assert method.refit_start == "masked" and Copal.from_options(Copal().options()).refit_start == "admm"
+    keep, fitted = method.prune(weight, hessian, Structure(0.5))
+    expected = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=8, warm_start="masked"))
+    assert torch.equal(fitted, expected) and torch.equal(method.reweight(weight, hessian, keep), expected)

@@ -105,17 +105,23 @@ class Method:
         return select_mask(self.score(weight.float(), stat), structure, forced_prune), None
 
     def reweight(self, weight: torch.Tensor, stat: torch.Tensor | None, keep: torch.Tensor,
-                 layer: str | None = None) -> torch.Tensor | None:
+                 layer: str | None = None, structure: Structure | None = None) -> torch.Tensor | None:
         """The weight `prune` gives a layer whose mask is `keep`, from `weight` and the
         statistic it pruned with, computed again (bit for bit, on the same machine);
         None when the kept weights are unchanged (W ⊙ keep). Lets a step that stored its
-        statistic store no weights (copal.state.StepState.weight)."""
+        statistic store no weights (copal.state.StepState.weight). `structure`: the one
+        the step pruned under, for a method whose weights depend on how it chose."""
         return None
 
     def options(self) -> dict:
         """The keyword arguments that build this method again (a step records them to
         recompute its weights)."""
         return {}
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Method":
+        """The method a step record's `options` name; an override reads older records'."""
+        return cls(**options)
 
     def finish_block(self) -> None:
         """The layer-wise pass finished a block: drop anything kept for its layers."""

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from copal.admm import admm_prune
+from copal.admm import ADMMOptions, admm_prune
 from copal.masks import Structure, select_mask
 from copal.methods.base import Method, Statistic, accumulate
 from copal.methods.sparsegpt import Hessian, SparseGPT
@@ -52,19 +52,32 @@ class CopalOptions(Strict):
     # `pcg`, then conjugate gradient towards the least-squares optimum on the fixed mask
     # (ALPS's refit; copal.refit). Unset: pcg for sensitivity: hessian, obs for reconstruct.
     refit: Literal["obs", "pcg"] | None = None
-    refit_iterations: int = Field(8, ge=1, description="pcg: conjugate-gradient iterations per layer (at most)")
+    # Unset: 4 where the refit starts from ADMM's own weights (refit_start: admm), which
+    # come close already; 8 from the others.
+    refit_iterations: int | None = Field(None, ge=1, description="pcg: conjugate-gradient iterations per layer "
+                                                                  "(at most)")
     # sensitivity: hessian's mask: `admm` (its default), mask and weights together by ADMM
     # on the layer-wise objective (copal.admm, ALPS's splitting), the kept weights then
     # refit on that mask; `obs`, SparseGPT's (chosen column block by column block inside
     # its update). Unset: admm for sensitivity: hessian, obs (unused) for the others.
     mask: Literal["obs", "admm"] = "admm"
+    # mask: admm's refit starts from `admm`, ADMM's sparse weights (a recompute runs ADMM
+    # again to have them), or from `masked`, W0 ⊙ M (a recompute needs only the mask; it
+    # takes twice the iterations to come as close: docs/RESULTS.md).
+    refit_start: Literal["admm", "masked"] = "admm"
+    admm_iterations: int = Field(4, ge=1, description="mask: admm: ADMM iterations per layer (ρ 0.2, ×4 every 2)")
 
     @model_validator(mode="before")
     @classmethod
-    def _default_mask(cls, data):
-        if isinstance(data, dict) and data.get("mask") is None:
+    def _resolve_unset(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if data.get("mask") is None:
             sensitivity = data.get("sensitivity", cls.model_fields["sensitivity"].default)
             data = {**data, "mask": "admm" if sensitivity == "hessian" else "obs"}
+        if data.get("refit_iterations") is None:
+            from_admm = data["mask"] == "admm" and data.get("refit_start", "admm") == "admm"
+            data = {**data, "refit_iterations": 4 if from_admm else 8}
         return data
 
     @model_validator(mode="after")
@@ -163,19 +176,24 @@ class Copal(Method):
     name = "copal"
 
     def __init__(self, sensitivity: str = "hessian", normalize: bool = True, reduce: str = "sum",
-                 reconstruct: bool = False, refit: str | None = None, refit_iterations: int = 8,
-                 mask: str | None = None, blocksize: int = 128, dampening: float = 0.01, solve: str = "auto"):
+                 reconstruct: bool = False, refit: str | None = None, refit_iterations: int | None = None,
+                 mask: str | None = None, blocksize: int = 128, dampening: float = 0.01, solve: str = "auto",
+                 refit_start: str = "admm", admm_iterations: int = 4):
         options = CopalOptions(sensitivity=sensitivity, normalize=normalize, reduce=reduce, reconstruct=reconstruct,
-                               refit=refit, refit_iterations=refit_iterations, mask=mask)
+                               refit=refit, refit_iterations=refit_iterations, mask=mask, refit_start=refit_start,
+                               admm_iterations=admm_iterations)
         self.mask = mask = options.mask
+        self.refit_start = options.refit_start
+        self.admm = ADMMOptions(iterations=admm_iterations)
+        refit_iterations = options.refit_iterations
         self.sensitivity = sensitivity
         self.normalize = normalize
         self.reduce = reduce
         self.reconstruct = reconstruct
         self.refit = options.rebuilt_by or "obs"
         self.blocksize, self.dampening = blocksize, dampening  # the reconstruction's (SparseGPT's)
-        # ADMM's mask comes without an OBS update to start from, and an OBS pass would add
-        # about half the short ADMM's time again: its refit starts from W0 ⊙ M (copal.admm).
+        # ADMM's mask comes without an OBS update to start from (an OBS pass would add about
+        # half the short ADMM's time again): its refit starts from ADMM's weights, or W0 ⊙ M.
         self.pcg = PCGOptions(iterations=refit_iterations, warm_start="masked" if mask == "admm" else "obs")
         self.solve = solve
         self.factors = InverseFactors()
@@ -192,6 +210,11 @@ class Copal(Method):
         return cls(**config.copal.model_dump(), blocksize=config.sparsegpt.blocksize,
                    dampening=config.sparsegpt.dampening, solve=config.sparsegpt.solve)
 
+    @classmethod
+    def from_options(cls, options):
+        # a step recorded before `refit_start` existed refit ADMM's mask from W0 ⊙ M
+        return cls(**({"refit_start": "masked"} | options))
+
     def score(self, weight, stat):
         return weight.abs() * stat
 
@@ -199,16 +222,20 @@ class Copal(Method):
         if self.second_order is not None:
             return self.second_order.prune(weight, stat, structure, forced_prune, layer)
         if self.mask == "admm":
-            keep, _ = admm_prune(weight, stat, structure, self.dampening, forced_prune=forced_prune)
+            keep, sparse = admm_prune(weight, stat, structure, self.dampening, self.admm, forced_prune)
+            if self.refit_start == "admm":
+                return keep, refit_kept(weight, stat, keep, "pcg", self.dampening, self.pcg, layer=layer, start=sparse)
         elif not self.reconstruct:
             return super().prune(weight, stat, structure, forced_prune, layer)
         else:
             keep = select_mask(self.score(weight.float(), split_hessian(stat)[0]), structure, forced_prune)
         return keep, self.reweight(weight, stat, keep, layer)
 
-    def reweight(self, weight, stat, keep, layer=None):
+    def reweight(self, weight, stat, keep, layer=None, structure=None):
         if self.second_order is not None:
             return self.second_order.reweight(weight, stat, keep, layer)
+        if self.mask == "admm" and self.refit_start == "admm":
+            return self._refit_from_admm(weight, stat, keep, layer, structure)
         if self.mask == "admm":  # the refit from the mask alone: W0, H and the mask recompute it
             return refit_kept(weight, stat, keep, self.refit, self.dampening, self.pcg, self.blocksize, layer)
         if not self.reconstruct:
@@ -219,11 +246,24 @@ class Copal(Method):
         return sparsegpt_prune(weight, hessian, Structure(0.0), None, self.blocksize, self.dampening, layer, keep,
                                self.factors, resolved_solve(self.solve, weight.device))[1]
 
+    def _refit_from_admm(self, weight, hessian, keep, layer, structure):
+        """prune's weights again: ADMM run as prune ran it, to the same sparse weights (its
+        rows are independent, so a layer alone gives the rows it had stacked with others),
+        then the refit from them on `keep`. The per-row (or the layer's) pruned counts come
+        from `keep`, where a sparsity profile's allocation left them."""
+        if structure is None:
+            raise ValueError(f"{layer or 'a layer'}: ADMM's refit is recomputed under the step's structure; none given")
+        if structure.n_m is None:
+            structure = Structure(structure.sparsity, None, structure.scope, int(keep.numel() - keep.sum()))
+        _, sparse = admm_prune(weight, hessian, structure, self.dampening, self.admm)
+        return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, layer=layer, start=sparse * keep)
+
     def options(self):
         return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
                 "reconstruct": self.reconstruct, "refit": self.refit, "blocksize": self.blocksize,
                 "dampening": self.dampening, "refit_iterations": self.pcg.iterations, "solve": self.solve,
-                "mask": self.mask}
+                "mask": self.mask, "refit_start": self.refit_start,
+                "admm_iterations": self.admm.iterations}
 
     def finish_block(self):
         self.factors.clear()

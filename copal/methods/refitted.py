@@ -50,7 +50,7 @@ class MaskThenRefit(Method):
         keep = select_mask(self.score(weight.float(), stat), structure, forced_prune)
         return keep, self.reweight(weight, stat, keep, layer)
 
-    def reweight(self, weight, stat, keep, layer=None):
+    def reweight(self, weight, stat, keep, layer=None, structure=None):
         if self.refit == "none":
             return None
         return refit_kept(weight, stat, keep, self.refit, self.dampening, self.pcg, self.blocksize, layer)

@@ -67,7 +67,7 @@ class SparseGPT(Method):
                                         factors=self.factors, solve=resolved_solve(self.solve, weight.device))
         return keep, self._refit(weight, stat, keep, updated, layer)
 
-    def reweight(self, weight, stat, keep, layer=None):
+    def reweight(self, weight, stat, keep, layer=None, structure=None):
         # with the mask given, sparsegpt_prune runs the same updates as when it chose it
         _, updated = sparsegpt_prune(weight, stat, Structure(0.0), None, self.blocksize, self.dampening, layer,
                                      keep, self.factors, resolved_solve(self.solve, weight.device))
