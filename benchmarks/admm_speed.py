@@ -7,10 +7,12 @@ model's dense weights, by:
 
 * `obs` — copal `mask: obs`, the default before: SparseGPT's OBS mask and update,
   then pcg8 from it;
-* `admm` — copal's default, `mask: admm` as it ships (copal.admm.ADMMOptions(): 8
-  iterations, ρ 0.1 doubled every 2), then pcg8 from W0 ⊙ M;
+* `admm` — copal's default as it ships: ADMM's 4 iterations (ρ 0.2, ×4 every 2), then
+  pcg4 from ADMM's own sparse weights;
+* `admm-8` — the default before it: 8 iterations (ρ 0.1, doubled every 2), then pcg8
+  from W0 ⊙ M;
 * `admm-60` — ADMM with 60 slowly growing iterations (ρ 0.1 × 1.1 each), issue 20's
-  first schedule, the same refit: how much the short schedule gives up.
+  first schedule, then pcg8 from W0 ⊙ M: how much the short schedules give up.
 
 For each, Σ over layers of ‖X(Ŵ − W0)ᵀ‖² / ‖XW0ᵀ‖² (from the stored H) and the
 seconds. One thread, so that the seconds compare with copal's pass at --cpus 1.
@@ -41,12 +43,16 @@ from copal.state import StepState  # noqa: E402
 STRUCTURES = {"50%": Structure(0.5), "70%": Structure(0.7), "2:4": Structure(0.5, (2, 4))}
 
 
-def _admm_60(weight, hessian, structure):
-    keep, _ = admm_prune(weight, hessian, structure, options=ADMMOptions(iterations=60, rho=0.1, growth=1.1, rho_every=1))
-    return keep, refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=8, warm_start="masked"))
+def _admm_then_masked_pcg8(schedule: ADMMOptions):
+    def choose(weight, hessian, structure):
+        keep, _ = admm_prune(weight, hessian, structure, options=schedule)
+        return keep, refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=8, warm_start="masked"))
+    return choose
 
 
-CHOOSERS = {"obs": Copal(mask="obs").prune, "admm": Copal(mask="admm").prune, "admm-60": _admm_60}
+CHOOSERS = {"obs": Copal(mask="obs").prune, "admm": Copal(mask="admm").prune,
+            "admm-8": _admm_then_masked_pcg8(ADMMOptions(iterations=8, rho=0.1, growth=2.0, rho_every=2)),
+            "admm-60": _admm_then_masked_pcg8(ADMMOptions(iterations=60, rho=0.1, growth=1.1, rho_every=1))}
 
 
 def input_groups(state: StepState, block: int) -> dict[str, list[str]]:

@@ -70,7 +70,7 @@ VARIANT_NOTES = {
     "pcg": "output sensitivity's mask, kept weights refit by conjugate gradient (ALPS's refit, 20 iterations) from "
            "the accumulated Hessian",
     "admm": "second-order, the mask chosen by ADMM on the accumulated Hessian (ALPS's splitting), kept weights refit "
-            "by conjugate gradient (the default)",
+            "by conjugate gradient from ADMM's own (the default: 4 + 4 iterations)",
     "owl": "second-order, each layer's sparsity allocated by OWL from Σx² accumulated across domains "
            "(sparsity_profile: owl, λ 0.08, M 5)",
 }
