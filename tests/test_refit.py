@@ -293,10 +293,11 @@ def test_the_default_refits_from_admm_s_weights_and_recomputes_them_bit_for_bit(
         method.reweight(weight, hessian, keep)
 
 
-def test_a_step_recorded_before_refit_start_recomputes_from_the_masked_weights():
+def test_older_step_records_recompute_as_they_were_made():
     """Step records from before `refit_start` name mask: admm without it: their weights
-    were refit from W0 ⊙ M, and are recomputed so."""
-    from copal.methods import Copal
+    were refit from W0 ⊙ M, and are recomputed so. Records from before `mask` (the
+    hessian sensitivity with SparseGPT's mask) recompute SparseGPT's update and refit."""
+    from copal.methods import Copal, SparseGPT
 
     weight, hessian = _layer()
     old = {key: value for key, value in Copal(refit_iterations=8).options().items() if key != "refit_start"}
@@ -305,3 +306,8 @@ def test_a_step_recorded_before_refit_start_recomputes_from_the_masked_weights()
     keep, fitted = method.prune(weight, hessian, Structure(0.5))
     expected = refit(weight, hessian, keep, "pcg", options=PCGOptions(iterations=8, warm_start="masked"))
     assert torch.equal(fitted, expected) and torch.equal(method.reweight(weight, hessian, keep), expected)
+    older = {key: value for key, value in old.items() if key not in ("mask", "admm_iterations")}
+    method = Copal.from_options(older)
+    assert method.mask == "obs"
+    sparsegpt = SparseGPT(refit="pcg", refit_iterations=8)
+    assert torch.equal(method.reweight(weight, hessian, keep), sparsegpt.reweight(weight, hessian, keep))

@@ -212,8 +212,10 @@ class Copal(Method):
 
     @classmethod
     def from_options(cls, options):
-        # a step recorded before `refit_start` existed refit ADMM's mask from W0 ⊙ M
-        return cls(**({"refit_start": "masked"} | options))
+        # What older records meant by the keys they lack: before `mask` existed the hessian
+        # sensitivity took SparseGPT's mask, and before `refit_start` ADMM's refit started
+        # from W0 ⊙ M.
+        return cls(**({"mask": "obs", "refit_start": "masked"} | options))
 
     def score(self, weight, stat):
         return weight.abs() * stat
