@@ -11,7 +11,11 @@ every step, and one step's bytes over the fp16 bytes of the prunable weights.
 (n(n+1)/2 float16 values and a float32 scale per distinct input, the bit-packed mask).
 
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hessian_state.py \\
-        [--structures u50 2:4] [--out reports/hessian_state.json]
+        [--structures u50 2:4] [--method sparsegpt | copal] [--out reports/hessian_state.json]
+
+`--method copal` runs copal's default instead (its config section emptied: ADMM's mask
+and refit from the accumulated Hessian), stored as `sym16z` (which decodes to sym16's
+matrix) against float32.
 """
 
 import argparse
@@ -43,11 +47,13 @@ def layout_ratio(hidden: int, kv: int, intermediate: int) -> float:
     return (hessians + weights / 8) / (2 * weights)
 
 
-def run_structure(structure: str, scratch: Path, report: dict) -> None:
+def run_structure(structure: str, scratch: Path, report: dict, method: str = "sparsegpt") -> None:
     base = load_raw(None, default=BENCH_CONFIG)
     reference = scratch / f"float32-{structure}"
     for label, (hessian, seed) in RUNS.items():
-        raw = dict(base, method="sparsegpt", state={"hessian": hessian},
+        if method == "copal" and hessian == "sym16":
+            hessian = "sym16z"
+        raw = dict(base, method=method, copal={}, state={"hessian": hessian},  # copal: its defaults
                    structure="unstructured" if structure == "u50" else structure, sparsity=0.5,
                    calibration=base["calibration"] | {"seed": seed})
         out = scratch / f"{label}-{structure}"
@@ -70,16 +76,18 @@ def run_structure(structure: str, scratch: Path, report: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--structures", nargs="+", default=["u50", "2:4"])
+    parser.add_argument("--method", choices=["sparsegpt", "copal"], default="sparsegpt")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/hessian_state.json")
     args = parser.parse_args(argv)
     report = {"issue": "20 item 1: second-order state", "threads": torch.get_num_threads(),
               "command": "nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/hessian_state.py",
+              "method": args.method,
               "shapes": {"reference": layout_ratio(256, 256, 688), "smollm2-135m": layout_ratio(576, 192, 1536),
                          "llama-2-7b": layout_ratio(4096, 4096, 11008)}}
     scratch = Path(tempfile.mkdtemp(prefix="hessian_state-"))
     try:
         for structure in args.structures:
-            run_structure(structure, scratch, report)
+            run_structure(structure, scratch, report, args.method)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
