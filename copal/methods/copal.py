@@ -226,7 +226,7 @@ class Copal(Method):
         if self.mask == "admm":
             keep, sparse = admm_prune(weight, stat, structure, self.dampening, self.admm, forced_prune)
             if self.refit_start == "admm":
-                return keep, refit_kept(weight, stat, keep, "pcg", self.dampening, self.pcg, layer=layer, start=sparse)
+                return keep, self._refit_from(weight, stat, keep, sparse, layer)
         elif not self.reconstruct:
             return super().prune(weight, stat, structure, forced_prune, layer)
         else:
@@ -237,7 +237,7 @@ class Copal(Method):
         if self.second_order is not None:
             return self.second_order.reweight(weight, stat, keep, layer)
         if self.mask == "admm" and self.refit_start == "admm":
-            return self._refit_from_admm(weight, stat, keep, layer, structure)
+            return self._refit_from(weight, stat, keep, self._admm_again(weight, stat, keep, layer, structure), layer)
         if self.mask == "admm":  # the refit from the mask alone: W0, H and the mask recompute it
             return refit_kept(weight, stat, keep, self.refit, self.dampening, self.pcg, self.blocksize, layer)
         if not self.reconstruct:
@@ -248,17 +248,21 @@ class Copal(Method):
         return sparsegpt_prune(weight, hessian, Structure(0.0), None, self.blocksize, self.dampening, layer, keep,
                                self.factors, resolved_solve(self.solve, weight.device))[1]
 
-    def _refit_from_admm(self, weight, hessian, keep, layer, structure):
-        """prune's weights again: ADMM run as prune ran it, to the same sparse weights (its
-        rows are independent, so a layer alone gives the rows it had stacked with others),
-        then the refit from them on `keep`. The per-row (or the layer's) pruned counts come
-        from `keep`, where a sparsity profile's allocation left them."""
+    def _refit_from(self, weight, hessian, keep, sparse, layer):
+        """The kept weights refit from ADMM's sparse weights: prune and reweight both end
+        here, so that a recompute gives the step's bits."""
+        return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, layer=layer, start=sparse * keep)
+
+    def _admm_again(self, weight, hessian, keep, layer, structure):
+        """ADMM's sparse weights as prune had them: run again under the step's structure
+        (its rows are independent, so a layer alone gives the rows it had stacked with
+        others), with the per-row (or the layer's) pruned counts taken from `keep`, where a
+        sparsity profile's allocation left them."""
         if structure is None:
             raise ValueError(f"{layer or 'a layer'}: ADMM's refit is recomputed under the step's structure; none given")
         if structure.n_m is None:
             structure = Structure(structure.sparsity, None, structure.scope, int(keep.numel() - keep.sum()))
-        _, sparse = admm_prune(weight, hessian, structure, self.dampening, self.admm)
-        return refit_kept(weight, hessian, keep, "pcg", self.dampening, self.pcg, layer=layer, start=sparse * keep)
+        return admm_prune(weight, hessian, structure, self.dampening, self.admm)[1]
 
     def options(self):
         return {"sensitivity": self.sensitivity, "normalize": self.normalize, "reduce": self.reduce,
